@@ -1,0 +1,1 @@
+//! Linearizability checking of recorded versioned key/value histories.

@@ -1,0 +1,1 @@
+//! MapReduce: applications, the task table, the coordinator and the workers.
