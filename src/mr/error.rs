@@ -1,0 +1,106 @@
+//! The error type of the MapReduce module.
+
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use super::table::TaskId;
+
+/// Everything that can go wrong while planning, executing or driving a MapReduce job.
+#[derive(Debug, Error)]
+pub enum MrError {
+    /// A file or directory operation failed; `op` says which one.
+    #[error("cannot {op} {path}: {source}")]
+    Io {
+        /// The operation that failed, e.g. "open input" or "rename output".
+        op: &'static str,
+        /// The file or directory it was applied to.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An intermediate file (or a reduce spill run) is not in the expected format.
+    #[error("corrupted intermediate file {path} at byte {offset}: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Byte offset in the file where the problem was found.
+        offset: u64,
+        /// What was wrong.
+        reason: String,
+    },
+    /// An input line is longer than `map_line_bytes_max`, so it cannot be handed to map whole.
+    #[error(
+        "line starting at byte {offset} of {path} is longer than map_line_bytes_max ({max} bytes)"
+    )]
+    LineTooLong {
+        /// The input file.
+        path: PathBuf,
+        /// Byte offset of the start of the line.
+        offset: u64,
+        /// The configured limit.
+        max: usize,
+    },
+    /// Map emitted a key/value pair larger than `record_bytes_max`.
+    #[error(
+        "map emitted a record with a {key_bytes}-byte key and a {value_bytes}-byte value, \
+         over record_bytes_max ({max} bytes)"
+    )]
+    RecordTooLarge {
+        /// Length of the key.
+        key_bytes: usize,
+        /// Length of the value.
+        value_bytes: usize,
+        /// The configured limit.
+        max: usize,
+    },
+    /// The application's map, combine or reduce function returned an error or panicked.
+    #[error("application {app:?} failed in {task}: {message}")]
+    App {
+        /// Name of the application.
+        app: String,
+        /// The task that was running.
+        task: TaskId,
+        /// The application's message (or the panic payload).
+        message: String,
+    },
+    /// An input path is not valid UTF-8; map receives file names as strings.
+    #[error("input path is not valid UTF-8: {0:?}")]
+    NonUtf8Path(PathBuf),
+    /// An input path is not a regular file.
+    #[error("input {0} is not a regular file")]
+    NotAFile(PathBuf),
+    /// A configuration value or an assignment is out of range.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// No application is registered under this name.
+    #[error("unknown MapReduce application {name:?} (known: {known})")]
+    UnknownApp {
+        /// The name asked for.
+        name: String,
+        /// The registered names, comma-separated.
+        known: String,
+    },
+    /// A task failed `task_failures_max` times, so the job was abandoned.
+    #[error("job failed: {task} failed {failures} times; last error: {last_error}")]
+    JobFailed {
+        /// The task that kept failing.
+        task: TaskId,
+        /// How many times it failed.
+        failures: u32,
+        /// The error of its last failure.
+        last_error: String,
+    },
+}
+
+impl MrError {
+    /// Wraps an I/O error with the operation and the path it concerned.
+    pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
+        MrError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
