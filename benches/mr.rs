@@ -70,17 +70,42 @@ fn tuned_count(text: &[u8]) -> HashMap<&[u8], u64, FastBuildHasher> {
     counts
 }
 
-fn best<T>(runs: usize, mut f: impl FnMut() -> Result<T>) -> Result<(Duration, T)> {
-    let mut best: Option<(Duration, T)> = None;
+/// CPU time (user + system) of this process so far, all threads included, from
+/// /proc/self/stat (clock ticks, normally 10 ms). `None` where /proc is unavailable.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// Best wall time of `runs` runs, with the CPU time of that run, and the last result.
+fn best<T>(
+    runs: usize,
+    mut f: impl FnMut() -> Result<T>,
+) -> Result<(Duration, Option<Duration>, T)> {
+    let mut best: Option<(Duration, Option<Duration>, T)> = None;
     for _ in 0..runs {
+        let cpu_before = process_cpu();
         let start = Instant::now();
         let value = f()?;
         let elapsed = start.elapsed();
-        if best.as_ref().is_none_or(|(b, _)| elapsed < *b) {
-            best = Some((elapsed, value));
+        let cpu = process_cpu()
+            .zip(cpu_before)
+            .map(|(after, before)| after - before);
+        if best.as_ref().is_none_or(|(b, _, _)| elapsed < *b) {
+            best = Some((elapsed, cpu, value));
         }
     }
     best.context("no runs")
+}
+
+fn show(name: &str, wall: Duration, cpu: Option<Duration>) {
+    let cpu = cpu.map_or_else(|| "?".to_string(), |c| format!("{:.2}", c.as_secs_f64()));
+    println!(
+        "  {name:<32} {:>7.3} s wall, {cpu:>5} s CPU",
+        wall.as_secs_f64()
+    );
 }
 
 /// Reads the file once in small blocks so every contender starts from the page cache, without
@@ -136,12 +161,12 @@ fn main() -> Result<()> {
     );
 
     let out = dir.path().join("out");
-    let (job_time, job_counts) = best(runs, || job(&input, &out, workers, true))?;
+    let (job_time, job_cpu, job_counts) = best(runs, || job(&input, &out, workers, true))?;
     let job_rss = peak_rss_mib();
-    let (job_nosync_time, _) = best(runs, || job(&input, &out, workers, false))?;
-    let (naive_time, naive_counts) = best(runs, || naive_count(&input))?;
+    let (job_nosync_time, job_nosync_cpu, _) = best(runs, || job(&input, &out, workers, false))?;
+    let (naive_time, naive_cpu, naive_counts) = best(runs, || naive_count(&input))?;
     let text = std::fs::read(&input)?;
-    let (tuned_time, tuned_counts) = best(runs, || Ok(tuned_count(&text)))?;
+    let (tuned_time, tuned_cpu, tuned_counts) = best(runs, || Ok(tuned_count(&text)))?;
 
     if job_counts != naive_counts {
         bail!("job output differs from the in-memory count");
@@ -157,22 +182,10 @@ fn main() -> Result<()> {
         naive_counts.values().sum::<u64>(),
         naive_counts.len()
     );
-    println!(
-        "  mr job, fsync on (default)   {:>8.3} s",
-        seconds(job_time)
-    );
-    println!(
-        "  mr job, fsync off            {:>8.3} s",
-        seconds(job_nosync_time)
-    );
-    println!(
-        "  in-memory count, std HashMap {:>8.3} s",
-        seconds(naive_time)
-    );
-    println!(
-        "  in-memory count, tuned       {:>8.3} s",
-        seconds(tuned_time)
-    );
+    show("mr job, fsync on (default)", job_time, job_cpu);
+    show("mr job, fsync off", job_nosync_time, job_nosync_cpu);
+    show("in-memory count, std HashMap", naive_time, naive_cpu);
+    show("in-memory count, tuned", tuned_time, tuned_cpu);
     println!(
         "  ratio job / std in-memory count:   {:.2} (target <= 1.5)",
         seconds(job_time) / seconds(naive_time)

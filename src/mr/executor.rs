@@ -93,7 +93,9 @@ impl Shared {
 /// per element of `apps` (worker `i` runs `apps[i]`, so tests can give each worker its own
 /// identity; `apps.len()` must equal `config.workers`). `on_progress` is called after every
 /// task completion or failure. Returns when every `mr-out-<r>` is in `config.exec.output_dir`,
-/// or with [`MrError::JobFailed`] when a task failed `task_failures_max` times.
+/// or with [`MrError::JobFailed`] when a task failed `task_failures_max` times (outputs of
+/// reduce tasks that finished before may then exist). Intermediate files are deleted either
+/// way unless `config.keep_intermediates`.
 pub fn run_job_with(
     apps: &[Arc<dyn App>],
     inputs: &[PathBuf],
@@ -111,6 +113,13 @@ pub fn run_job_with(
             "{} applications for {} workers",
             apps.len(),
             config.workers
+        )));
+    }
+    if let Some(other) = apps.iter().find(|app| app.name() != apps[0].name()) {
+        return Err(MrError::Config(format!(
+            "all workers must run one application, got {:?} and {:?}",
+            apps[0].name(),
+            other.name()
         )));
     }
     config.exec.validate()?;
@@ -144,6 +153,9 @@ pub fn run_job_with(
         Ok::<(), MrError>(())
     })?;
     let table = shared.table.into_inner().expect("task table lock poisoned");
+    if !config.keep_intermediates {
+        remove_intermediates(&table, &config.exec.intermediate_dir);
+    }
     match table.status() {
         JobStatus::Done => {}
         JobStatus::Failed {
@@ -158,9 +170,6 @@ pub fn run_job_with(
             });
         }
         JobStatus::Running => panic!("all workers exited while the job is running"),
-    }
-    if !config.keep_intermediates {
-        remove_intermediates(&table, &config.exec.intermediate_dir);
     }
     let outputs = (0..table.reduce_tasks())
         .map(|r| config.exec.output_dir.join(output_file_name(r)))

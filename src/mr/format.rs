@@ -355,6 +355,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    type Records = Vec<(Vec<u8>, Vec<u8>)>;
+
     fn encode(records: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
         let mut writer = RecordWriter::new(Vec::new(), Path::new("mem")).unwrap();
         for (key, value) in records {
@@ -365,7 +367,7 @@ mod tests {
         bytes
     }
 
-    fn decode(bytes: &[u8], buffer_bytes: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, MrError> {
+    fn decode(bytes: &[u8], buffer_bytes: usize) -> Result<Records, MrError> {
         let mut reader = RecordReader::new(bytes, Path::new("mem"), 1 << 20, buffer_bytes)?;
         let mut out = Vec::new();
         while reader.advance()? {
@@ -375,7 +377,7 @@ mod tests {
         Ok(out)
     }
 
-    fn corrupt_reason(result: Result<Vec<(Vec<u8>, Vec<u8>)>, MrError>) -> String {
+    fn corrupt_reason(result: Result<Records, MrError>) -> String {
         match result {
             Err(MrError::Corrupt { reason, .. }) => reason,
             other => panic!("expected a Corrupt error, got {other:?}"),

@@ -50,6 +50,22 @@ impl FastHasher {
     }
 }
 
+/// Packs 1..=7 bytes into a word without a variable-length copy: two overlapping 4-byte reads
+/// for 4..=7 bytes, first/middle/last byte for 1..=3. Different inputs of one length give
+/// different words, and `Hash for [u8]` hashes the length first, so nothing collides.
+#[inline]
+fn read_tail(tail: &[u8]) -> u64 {
+    let n = tail.len();
+    debug_assert!((1..8).contains(&n));
+    if n >= 4 {
+        let low = u32::from_le_bytes(tail[..4].try_into().expect("4 bytes"));
+        let high = u32::from_le_bytes(tail[n - 4..].try_into().expect("4 bytes"));
+        u64::from(low) | (u64::from(high) << 32)
+    } else {
+        u64::from(tail[0]) | (u64::from(tail[n / 2]) << 8) | (u64::from(tail[n - 1]) << 16)
+    }
+}
+
 impl Hasher for FastHasher {
     #[inline]
     fn write(&mut self, bytes: &[u8]) {
@@ -61,9 +77,7 @@ impl Hasher for FastHasher {
         }
         let tail = chunks.remainder();
         if !tail.is_empty() {
-            let mut word = [0u8; 8];
-            word[..tail.len()].copy_from_slice(tail);
-            self.add(u64::from_le_bytes(word));
+            self.add(read_tail(tail));
         }
     }
 
@@ -124,7 +138,18 @@ mod tests {
     fn fast_hasher_separates_similar_keys() {
         use std::hash::BuildHasher;
         let build = FastBuildHasher::default();
-        let keys: [&[u8]; 6] = [b"", b"a", b"a\0", b"ab", b"abcdefgh", b"abcdefgha"];
+        let keys: [&[u8]; 10] = [
+            b"",
+            b"a",
+            b"a\0",
+            b"ab",
+            b"ba",
+            b"abc",
+            b"acb",
+            b"abcdefgh",
+            b"abcdefgha",
+            b"abcdefghb",
+        ];
         let hashes: Vec<u64> = keys.iter().map(|k| build.hash_one(k)).collect();
         for i in 0..hashes.len() {
             for j in i + 1..hashes.len() {

@@ -167,7 +167,7 @@ mod tests {
     fn bad_inputs_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.txt");
-        match plan_splits(&[missing.clone()], 10) {
+        match plan_splits(std::slice::from_ref(&missing), 10) {
             Err(MrError::Io { path, .. }) => assert_eq!(path, missing),
             other => panic!("expected Io error, got {other:?}"),
         }
