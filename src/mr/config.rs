@@ -32,8 +32,8 @@ pub struct ExecConfig {
     pub record_bytes_max: usize,
     /// Apply the application's combiner (if it has one). Turning it off must not change output.
     pub use_combiner: bool,
-    /// `fsync` intermediate and output files before renaming them into place, so a completed
-    /// task survives a machine crash, not only a process crash.
+    /// `fsync` intermediate and output files before renaming them into place, and their
+    /// directory after, so a completed task survives a machine crash, not only a process crash.
     pub sync_files: bool,
 }
 

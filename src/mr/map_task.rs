@@ -57,6 +57,21 @@ pub(crate) fn persist(
     Ok(())
 }
 
+/// Makes the renames into `dir` durable (fsync of the directory). Only on Unix, where a
+/// directory can be opened and synced; elsewhere renames are as durable as the platform makes
+/// them.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), MrError> {
+    #[cfg(unix)]
+    {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| MrError::io("fsync directory", dir, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
 /// Turns a caught panic payload into a message.
 pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     if let Some(message) = payload.downcast_ref::<&str>() {
@@ -290,6 +305,9 @@ pub fn run_map(app: &dyn App, task: &MapTask, config: &ExecConfig) -> Result<Tas
     for (r, buffered) in finished.into_iter().enumerate() {
         let target = dir.join(intermediate_file_name(task.task, r as u32, task.attempt));
         persist(buffered, &target, config.sync_files)?;
+    }
+    if config.sync_files {
+        sync_dir(dir)?;
     }
     tracing::debug!(
         task = task.task,

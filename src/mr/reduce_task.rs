@@ -11,7 +11,7 @@ use super::config::ExecConfig;
 use super::error::MrError;
 use super::format::{RecordReader, RecordWriter};
 use super::map_task::{
-    intermediate_file_name, output_file_name, panic_message, persist, temp_file_in,
+    intermediate_file_name, output_file_name, panic_message, persist, sync_dir, temp_file_in,
 };
 use super::table::{ReduceTask, TaskId, TaskStats};
 
@@ -377,6 +377,9 @@ pub fn run_reduce(
     stats.output_records = output.lines;
     stats.output_bytes = output.bytes;
     persist(output.writer, &target, config.sync_files)?;
+    if config.sync_files {
+        sync_dir(&config.output_dir)?;
+    }
     tracing::debug!(
         task = task.task,
         attempt = task.attempt,

@@ -9,6 +9,14 @@
 //!
 //! Attempt numbers name the files an attempt writes (see `intermediate_file_name`), so they are
 //! never reused: a restored table keeps each task's attempt counter.
+//!
+//! Durability contract for a driver that persists the table: persist the record changed by
+//! `assign` before sending the assignment (so an attempt a worker runs is always known after a
+//! restart), and persist the record changed by `complete` before acting on it (before handing
+//! out reduce tasks that read the accepted attempt, or reporting the job done). A worker reports
+//! completion only after its files are renamed into place (and fsynced with `sync_files`). After
+//! a restart, call [`TaskTable::reset_in_progress`]: the old attempts may still report, and
+//! their first completion is accepted.
 
 use std::fmt;
 
