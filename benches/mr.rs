@@ -4,7 +4,7 @@
 //! HashMap counts, and printing the ratios.
 //!
 //! Settings (environment): `RAFTKV_BENCH_COPIES` (default 30), `RAFTKV_BENCH_RUNS` (default 3;
-//! the best run of each contender is reported), `RAFTKV_BENCH_WORKERS` (default 2).
+//! rounds interleave the contenders and the best round of each is reported), `RAFTKV_BENCH_WORKERS` (default 2).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -79,25 +79,36 @@ fn process_cpu() -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
-/// Best wall time of `runs` runs, with the CPU time of that run, and the last result.
-fn best<T>(
-    runs: usize,
-    mut f: impl FnMut() -> Result<T>,
-) -> Result<(Duration, Option<Duration>, T)> {
-    let mut best: Option<(Duration, Option<Duration>, T)> = None;
-    for _ in 0..runs {
-        let cpu_before = process_cpu();
-        let start = Instant::now();
-        let value = f()?;
-        let elapsed = start.elapsed();
-        let cpu = process_cpu()
-            .zip(cpu_before)
-            .map(|(after, before)| after - before);
-        if best.as_ref().is_none_or(|(b, _, _)| elapsed < *b) {
-            best = Some((elapsed, cpu, value));
+/// One measured run: wall time and CPU time.
+fn measure<T>(f: impl FnOnce() -> Result<T>) -> Result<(Duration, Option<Duration>, T)> {
+    let cpu_before = process_cpu();
+    let start = Instant::now();
+    let value = f()?;
+    let elapsed = start.elapsed();
+    let cpu = process_cpu()
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
+    Ok((elapsed, cpu, value))
+}
+
+/// The best (lowest wall time) of the runs of one contender.
+#[derive(Default)]
+struct Best {
+    wall: Option<Duration>,
+    cpu: Option<Duration>,
+}
+
+impl Best {
+    fn record(&mut self, wall: Duration, cpu: Option<Duration>) {
+        if self.wall.is_none_or(|best| wall < best) {
+            self.wall = Some(wall);
+            self.cpu = cpu;
         }
     }
-    best.context("no runs")
+
+    fn wall(&self) -> Duration {
+        self.wall.expect("at least one run")
+    }
 }
 
 fn show(name: &str, wall: Duration, cpu: Option<Duration>) {
@@ -160,32 +171,57 @@ fn main() -> Result<()> {
         input_bytes as f64 / 1e6
     );
 
+    // Rounds interleave the contenders so that load from other processes on the machine
+    // affects them alike; each contender's best round is reported.
     let out = dir.path().join("out");
-    let (job_time, job_cpu, job_counts) = best(runs, || job(&input, &out, workers, true))?;
-    let job_rss = peak_rss_mib();
-    let (job_nosync_time, job_nosync_cpu, _) = best(runs, || job(&input, &out, workers, false))?;
-    let (naive_time, naive_cpu, naive_counts) = best(runs, || naive_count(&input))?;
-    let text = std::fs::read(&input)?;
-    let (tuned_time, tuned_cpu, tuned_counts) = best(runs, || Ok(tuned_count(&text)))?;
-
-    if job_counts != naive_counts {
-        bail!("job output differs from the in-memory count");
-    }
-    let tuned_owned: HashMap<Vec<u8>, u64> =
-        tuned_counts.iter().map(|(k, v)| (k.to_vec(), *v)).collect();
-    if tuned_owned != naive_counts {
-        bail!("tuned count differs from the naive count");
-    }
-    let seconds = |d: Duration| d.as_secs_f64();
-    println!(
-        "  words: {}, distinct: {}",
-        naive_counts.values().sum::<u64>(),
-        naive_counts.len()
+    let mut text = None;
+    let (mut job_best, mut nosync_best, mut naive_best, mut tuned_best) = (
+        Best::default(),
+        Best::default(),
+        Best::default(),
+        Best::default(),
     );
-    show("mr job, fsync on (default)", job_time, job_cpu);
-    show("mr job, fsync off", job_nosync_time, job_nosync_cpu);
-    show("in-memory count, std HashMap", naive_time, naive_cpu);
-    show("in-memory count, tuned", tuned_time, tuned_cpu);
+    let mut job_rss = None;
+    for round in 0..runs {
+        let (wall, cpu, job_counts) = measure(|| job(&input, &out, workers, true))?;
+        job_best.record(wall, cpu);
+        if round == 0 {
+            // Before anything else holds the input in memory.
+            job_rss = peak_rss_mib();
+        }
+        if text.is_none() {
+            text = Some(std::fs::read(&input)?);
+        }
+        let text: &[u8] = text.as_deref().expect("read above");
+        let (wall, cpu, _) = measure(|| job(&input, &out, workers, false))?;
+        nosync_best.record(wall, cpu);
+        let (wall, cpu, naive_counts) = measure(|| naive_count(&input))?;
+        naive_best.record(wall, cpu);
+        let (wall, cpu, tuned_counts) = measure(|| Ok(tuned_count(text)))?;
+        tuned_best.record(wall, cpu);
+        if job_counts != naive_counts {
+            bail!("job output differs from the in-memory count");
+        }
+        let tuned_owned: HashMap<Vec<u8>, u64> =
+            tuned_counts.iter().map(|(k, v)| (k.to_vec(), *v)).collect();
+        if tuned_owned != naive_counts {
+            bail!("tuned count differs from the naive count");
+        }
+        if round == 0 {
+            println!(
+                "  words: {}, distinct: {} (job output checked against the in-memory counts)",
+                naive_counts.values().sum::<u64>(),
+                naive_counts.len()
+            );
+        }
+    }
+    let (job_time, naive_time, tuned_time) =
+        (job_best.wall(), naive_best.wall(), tuned_best.wall());
+    let seconds = |d: Duration| d.as_secs_f64();
+    show("mr job, fsync on (default)", job_time, job_best.cpu);
+    show("mr job, fsync off", nosync_best.wall(), nosync_best.cpu);
+    show("in-memory count, std HashMap", naive_time, naive_best.cpu);
+    show("in-memory count, tuned", tuned_time, tuned_best.cpu);
     println!(
         "  ratio job / std in-memory count:   {:.2} (target <= 1.5)",
         seconds(job_time) / seconds(naive_time)

@@ -1,11 +1,12 @@
 //! Executing a map task: read the split, map, combine, partition, write intermediate files.
 
-use std::collections::HashMap;
 use std::fs::File;
+use std::hash::BuildHasher;
 use std::io::{BufWriter, Read, Seek, SeekFrom};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 
+use hashbrown::HashTable;
 use tempfile::NamedTempFile;
 
 use super::app::{App, Combiner, Emitter};
@@ -83,16 +84,133 @@ pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
-/// Estimated heap bytes per combine-table entry beyond its key and value (two allocations).
-const ENTRY_ALLOCATION_BYTES: usize = 32;
-/// Bytes per slot of the combine table itself (the slot plus hashbrown's control byte).
-const TABLE_SLOT_BYTES: usize = std::mem::size_of::<(Box<[u8]>, Vec<u8>)>() + 1;
+/// Keys up to this length are stored inside the combine-table entry (no allocation, no pointer
+/// to follow on lookup); nearly every word is this short.
+const INLINE_KEY_BYTES: usize = 22;
+
+/// A combine-table key: inline when short, boxed otherwise.
+enum SmallKey {
+    Inline {
+        len: u8,
+        bytes: [u8; INLINE_KEY_BYTES],
+    },
+    Heap(Box<[u8]>),
+}
+
+impl SmallKey {
+    fn new(key: &[u8]) -> Self {
+        if key.len() <= INLINE_KEY_BYTES {
+            let mut bytes = [0u8; INLINE_KEY_BYTES];
+            bytes[..key.len()].copy_from_slice(key);
+            SmallKey::Inline {
+                len: key.len() as u8,
+                bytes,
+            }
+        } else {
+            SmallKey::Heap(key.into())
+        }
+    }
+
+    #[inline]
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            SmallKey::Inline { len, bytes } => &bytes[..*len as usize],
+            SmallKey::Heap(bytes) => bytes,
+        }
+    }
+
+    /// Heap bytes owned beyond the entry itself, with allocation overhead.
+    fn heap_bytes(&self) -> usize {
+        match self {
+            SmallKey::Inline { .. } => 0,
+            SmallKey::Heap(bytes) => bytes.len() + ALLOCATION_OVERHEAD_BYTES,
+        }
+    }
+}
+
+/// Equality of short byte strings with a few word loads instead of a `memcmp` call (the
+/// combine table compares one key per emitted pair).
+#[inline]
+fn bytes_equal(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let word4 = |s: &[u8], at: usize| u32::from_le_bytes(s[at..at + 4].try_into().expect("4"));
+    let word8 = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().expect("8"));
+    match n {
+        0 => true,
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        4..=8 => word4(a, 0) == word4(b, 0) && word4(a, n - 4) == word4(b, n - 4),
+        9..=16 => word8(a, 0) == word8(b, 0) && word8(a, n - 8) == word8(b, n - 8),
+        _ => a == b,
+    }
+}
+
+/// Accumulated values up to this length are stored inside the entry (a count, a small sum).
+const INLINE_VALUE_BYTES: usize = 16;
+
+/// A combine-table value: inline when short, on the heap otherwise.
+enum SmallValue {
+    Inline {
+        len: u8,
+        bytes: [u8; INLINE_VALUE_BYTES],
+    },
+    Heap(Vec<u8>),
+}
+
+impl SmallValue {
+    fn new(value: &[u8]) -> Self {
+        if value.len() <= INLINE_VALUE_BYTES {
+            let mut bytes = [0u8; INLINE_VALUE_BYTES];
+            bytes[..value.len()].copy_from_slice(value);
+            SmallValue::Inline {
+                len: value.len() as u8,
+                bytes,
+            }
+        } else {
+            SmallValue::Heap(value.to_vec())
+        }
+    }
+
+    #[inline]
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            SmallValue::Inline { len, bytes } => &bytes[..*len as usize],
+            SmallValue::Heap(bytes) => bytes,
+        }
+    }
+
+    /// Heap bytes owned beyond the entry itself, with allocation overhead.
+    fn heap_bytes(&self) -> usize {
+        match self {
+            SmallValue::Inline { .. } => 0,
+            SmallValue::Heap(bytes) => bytes.capacity() + ALLOCATION_OVERHEAD_BYTES,
+        }
+    }
+}
+
+/// One key of the combine table with its accumulated value and its hash (kept so the table
+/// can grow without rehashing keys).
+struct CombineEntry {
+    hash: u64,
+    key: SmallKey,
+    value: SmallValue,
+}
+
+/// Estimated malloc overhead of one allocation.
+const ALLOCATION_OVERHEAD_BYTES: usize = 16;
+/// Bytes per slot of the combine table itself (the entry plus hashbrown's control byte).
+const TABLE_SLOT_BYTES: usize = std::mem::size_of::<CombineEntry>() + 1;
 
 /// The map-side combine table: one accumulated value per key, flushed when over budget.
 struct CombineTable<'a> {
     combiner: &'a dyn Combiner,
-    entries: HashMap<Box<[u8]>, Vec<u8>, FastBuildHasher>,
-    /// Heap bytes of keys and values, including allocation overhead.
+    entries: HashTable<CombineEntry>,
+    hasher: FastBuildHasher,
+    /// The accumulator handed to the combiner for an inline value.
+    scratch: Vec<u8>,
+    /// Heap bytes of boxed keys and heap values, including allocation overhead.
     heap_bytes: usize,
     budget_bytes: usize,
 }
@@ -106,8 +224,8 @@ impl CombineTable<'_> {
         self.heap_bytes + self.table_bytes(self.entries.capacity()) > self.budget_bytes
     }
 
-    /// Whether inserting a new entry of `bytes` would take the table over budget (counting the
-    /// table's growth when it is full).
+    /// Whether inserting a new entry owning `bytes` of heap would take the table over budget
+    /// (counting the table's growth when it is full).
     fn insert_would_overflow(&self, bytes: usize) -> bool {
         let capacity = self.entries.capacity();
         let capacity_after = if self.entries.len() < capacity {
@@ -154,9 +272,29 @@ impl MapOutput<'_> {
             }
             return;
         };
-        if let Some(accumulator) = table.entries.get_mut(key) {
-            let before = accumulator.capacity();
-            if let Err(e) = table.combiner.combine(key, accumulator, value) {
+        let hash = table.hasher.hash_one(key);
+        let found = table.entries.find_mut(hash, |entry| {
+            entry.hash == hash && bytes_equal(entry.key.as_slice(), key)
+        });
+        if let Some(entry) = found {
+            let before = entry.value.heap_bytes();
+            let result = match &mut entry.value {
+                SmallValue::Heap(accumulator) => table.combiner.combine(key, accumulator, value),
+                SmallValue::Inline { len, bytes } => {
+                    let scratch = &mut table.scratch;
+                    scratch.clear();
+                    scratch.extend_from_slice(&bytes[..*len as usize]);
+                    let result = table.combiner.combine(key, scratch, value);
+                    if scratch.len() <= INLINE_VALUE_BYTES {
+                        bytes[..scratch.len()].copy_from_slice(scratch);
+                        *len = scratch.len() as u8;
+                    } else {
+                        entry.value = SmallValue::Heap(scratch.clone());
+                    }
+                    result
+                }
+            };
+            if let Err(e) = result {
                 self.error = Some(MrError::App {
                     app: self.app_name.to_string(),
                     task: self.task,
@@ -164,17 +302,20 @@ impl MapOutput<'_> {
                 });
                 return;
             }
-            if key.len() + accumulator.len() > self.record_bytes_max {
+            let combined = entry.value.as_slice().len();
+            if key.len() + combined > self.record_bytes_max {
                 self.error = Some(MrError::RecordTooLarge {
                     key_bytes: key.len(),
-                    value_bytes: accumulator.len(),
+                    value_bytes: combined,
                     max: self.record_bytes_max,
                 });
                 return;
             }
-            table.heap_bytes = table.heap_bytes - before + accumulator.capacity();
+            table.heap_bytes = table.heap_bytes - before + entry.value.heap_bytes();
         } else {
-            let bytes = key.len() + value.len() + ENTRY_ALLOCATION_BYTES;
+            let key = SmallKey::new(key);
+            let value = SmallValue::new(value);
+            let bytes = key.heap_bytes() + value.heap_bytes();
             if table.insert_would_overflow(bytes) && !table.entries.is_empty() {
                 self.spills += 1;
                 if let Err(e) = self.flush() {
@@ -183,7 +324,8 @@ impl MapOutput<'_> {
                 }
             }
             let table = self.combine.as_mut().expect("combine table present");
-            table.entries.insert(key.into(), value.to_vec());
+            let entry = CombineEntry { hash, key, value };
+            table.entries.insert_unique(hash, entry, |entry| entry.hash);
             table.heap_bytes += bytes;
         }
         let table = self.combine.as_ref().expect("combine table present");
@@ -200,9 +342,10 @@ impl MapOutput<'_> {
         let Some(table) = self.combine.as_mut() else {
             return Ok(());
         };
-        for (key, value) in table.entries.drain() {
-            let r = partition(&key, self.reduce_tasks) as usize;
-            self.partitions[r].write(&key, &value)?;
+        for entry in table.entries.drain() {
+            let key = entry.key.as_slice();
+            let r = partition(key, self.reduce_tasks) as usize;
+            self.partitions[r].write(key, entry.value.as_slice())?;
         }
         table.heap_bytes = 0;
         Ok(())
@@ -245,10 +388,9 @@ pub fn run_map(app: &dyn App, task: &MapTask, config: &ExecConfig) -> Result<Tas
     let combine = match app.combiner() {
         Some(combiner) if config.use_combiner => Some(CombineTable {
             combiner,
-            entries: HashMap::with_capacity_and_hasher(
-                (config.combine_buffer_bytes_max / 256).min(1 << 14),
-                FastBuildHasher::default(),
-            ),
+            entries: HashTable::with_capacity((config.combine_buffer_bytes_max / 256).min(1 << 14)),
+            hasher: FastBuildHasher::default(),
+            scratch: Vec::new(),
             heap_bytes: 0,
             budget_bytes: config.combine_buffer_bytes_max,
         }),
@@ -379,6 +521,43 @@ fn read_split(
                 });
             }
             None => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        // Proves the word-load equality agrees with slice equality at every length.
+        #[test]
+        fn bytes_equal_matches_slice_equality(
+            a in proptest::collection::vec(any::<u8>(), 0..40),
+            at in any::<proptest::sample::Index>(),
+            byte in any::<u8>(),
+            other in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            // Same length, at most one byte changed: the cases a word-load compare could miss.
+            let mut b = a.clone();
+            if !b.is_empty() {
+                let i = at.index(b.len());
+                b[i] = byte;
+            }
+            prop_assert_eq!(bytes_equal(&a, &b), a == b);
+            prop_assert_eq!(bytes_equal(&a, &other), a == other);
+        }
+
+        // Proves small keys and values round-trip through the inline and heap representations.
+        #[test]
+        fn small_keys_and_values_round_trip(bytes in proptest::collection::vec(any::<u8>(), 0..60)) {
+            let key = SmallKey::new(&bytes);
+            prop_assert_eq!(key.as_slice(), &bytes[..]);
+            prop_assert_eq!(key.heap_bytes() == 0, bytes.len() <= INLINE_KEY_BYTES);
+            let value = SmallValue::new(&bytes);
+            prop_assert_eq!(value.as_slice(), &bytes[..]);
+            prop_assert_eq!(value.heap_bytes() == 0, bytes.len() <= INLINE_VALUE_BYTES);
         }
     }
 }
