@@ -216,8 +216,11 @@ struct CombineTable<'a> {
 }
 
 impl CombineTable<'_> {
+    /// Memory of a table that holds `capacity` entries: hashbrown keeps at most 7/8 of its
+    /// buckets full and has a power-of-two number of them.
     fn table_bytes(&self, capacity: usize) -> usize {
-        capacity.saturating_mul(TABLE_SLOT_BYTES)
+        let buckets = capacity.saturating_mul(8).div_ceil(7).next_power_of_two();
+        buckets.saturating_mul(TABLE_SLOT_BYTES)
     }
 
     fn over_budget(&self) -> bool {
