@@ -12,13 +12,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use bytes::Bytes;
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use raftkv::NodeId;
 use raftkv::raft::{
     Config, Entry, EntryKind, HardState, Message, PersistedState, RaftCore, Ready, Snapshot,
 };
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 const DEFAULT_SEEDS: u64 = 1000;
 /// Ticks of chaos before healing.
@@ -172,13 +172,33 @@ impl Sim {
         config.validate().expect("sim config is valid");
         let calm = rng.random_bool(0.2);
         let faults = Faults {
-            drop: if calm { 0.0 } else { rng.random_range(0.0..0.2) },
-            duplicate: if calm { 0.0 } else { rng.random_range(0.0..0.1) },
+            drop: if calm {
+                0.0
+            } else {
+                rng.random_range(0.0..0.2)
+            },
+            duplicate: if calm {
+                0.0
+            } else {
+                rng.random_range(0.0..0.1)
+            },
             delay_max: rng.random_range(0..=if calm { 1 } else { 6 }),
-            crash: if calm { 0.0 } else { rng.random_range(0.0..0.01) },
-            crash_in_ready: if calm { 0.0 } else { rng.random_range(0.0..0.01) },
+            crash: if calm {
+                0.0
+            } else {
+                rng.random_range(0.0..0.01)
+            },
+            crash_in_ready: if calm {
+                0.0
+            } else {
+                rng.random_range(0.0..0.01)
+            },
             restart: rng.random_range(0.02..0.1),
-            partition: if calm { 0.0 } else { rng.random_range(0.0..0.03) },
+            partition: if calm {
+                0.0
+            } else {
+                rng.random_range(0.0..0.03)
+            },
             skip_tick: rng.random_range(0.0..0.1),
         };
         let mut sim = Sim {
@@ -257,7 +277,11 @@ impl Sim {
         if self.rng.random_bool(self.faults.drop) {
             return;
         }
-        let copies = if self.rng.random_bool(self.faults.duplicate) { 2 } else { 1 };
+        let copies = if self.rng.random_bool(self.faults.duplicate) {
+            2
+        } else {
+            1
+        };
         for _ in 0..copies {
             let delay = self.rng.random_range(0..=self.faults.delay_max);
             self.network.push(InFlight {
@@ -378,11 +402,7 @@ impl Sim {
             return self.crash(slot);
         }
         self.apply(slot, &ready);
-        self.nodes[slot]
-            .core
-            .as_mut()
-            .expect("live")
-            .advance(ready);
+        self.nodes[slot].core.as_mut().expect("live").advance(ready);
         self.check();
     }
 
@@ -424,17 +444,29 @@ impl Sim {
         }
         for entry in &ready.entries {
             let expected = durable.entries.last().map_or_else(
-                || durable.snapshot.as_ref().map_or(0, |s| s.meta.last_included_index),
+                || {
+                    durable
+                        .snapshot
+                        .as_ref()
+                        .map_or(0, |s| s.meta.last_included_index)
+                },
                 |e| e.index,
             ) + 1;
-            assert_eq!(entry.index, expected, "Ready entries do not follow the stored log");
+            assert_eq!(
+                entry.index, expected,
+                "Ready entries do not follow the stored log"
+            );
             durable.entries.push(entry.clone());
         }
         if let Some(hard_state) = ready.hard_state {
             let old = durable.hard_state;
             assert!(hard_state.term >= old.term, "durable term went backwards");
             if hard_state.term == old.term && old.voted_for.is_some() {
-                assert_eq!(hard_state.voted_for, old.voted_for, "two votes in term {}", old.term);
+                assert_eq!(
+                    hard_state.voted_for, old.voted_for,
+                    "two votes in term {}",
+                    old.term
+                );
             }
             durable.hard_state = hard_state;
         }
@@ -447,9 +479,15 @@ impl Sim {
             self.stats.snapshots_installed += 1;
             let index = u64::from_le_bytes(snapshot.data[..8].try_into().expect("8 bytes"));
             let hash = u64::from_le_bytes(snapshot.data[8..16].try_into().expect("8 bytes"));
-            assert_eq!(index, snapshot.meta.last_included_index, "snapshot data/meta mismatch");
+            assert_eq!(
+                index, snapshot.meta.last_included_index,
+                "snapshot data/meta mismatch"
+            );
             let (_, expected) = self.oracle.applied[&index];
-            assert_eq!(hash, expected, "snapshot at {index} holds a different state");
+            assert_eq!(
+                hash, expected,
+                "snapshot at {index} holds a different state"
+            );
             node.service = Service {
                 applied: index,
                 chain: hash,
@@ -506,11 +544,17 @@ impl Sim {
             // Monotonic commit (per incarnation) and the committed record.
             let commit = core.commit_index();
             let seen = node.seen_commit;
-            assert!(commit >= seen, "commit index of node {id} went back from {seen} to {commit}");
+            assert!(
+                commit >= seen,
+                "commit index of node {id} went back from {seen} to {commit}"
+            );
             for index in seen + 1..=commit {
                 if let Some(term) = core.entry_term(index) {
                     let known = *self.oracle.committed.entry(index).or_insert(term);
-                    assert_eq!(known, term, "two different entries committed at index {index}");
+                    assert_eq!(
+                        known, term,
+                        "two different entries committed at index {index}"
+                    );
                 }
             }
             node.seen_commit = commit;
@@ -670,7 +714,11 @@ impl Sim {
             }
             if let Some((index, term, _)) = pending {
                 let done = self.nodes.iter().all(|n| n.service.applied >= index);
-                let lost = self.oracle.applied.get(&index).is_some_and(|&(t, _)| t != term);
+                let lost = self
+                    .oracle
+                    .applied
+                    .get(&index)
+                    .is_some_and(|&(t, _)| t != term);
                 if done && !lost {
                     return;
                 }
@@ -678,8 +726,9 @@ impl Sim {
                     pending = None;
                 }
             }
-            let stale = pending
-                .is_some_and(|(_, _, at)| self.now > at + 4 * self.config.election_timeout_ticks_max);
+            let stale = pending.is_some_and(|(_, _, at)| {
+                self.now > at + 4 * self.config.election_timeout_ticks_max
+            });
             if pending.is_none() || stale {
                 if let Some(slot) = self.leader_slot() {
                     if let Some((index, term)) = self.propose(slot) {

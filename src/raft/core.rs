@@ -341,7 +341,12 @@ impl RaftCore {
         if to == self.id || self.transfer.as_ref().is_some_and(|t| t.to == to) {
             return Ok(());
         }
-        info!(id = self.id, term = self.term, to, "leadership transfer started");
+        info!(
+            id = self.id,
+            term = self.term,
+            to,
+            "leadership transfer started"
+        );
         self.transfer = Some(Transfer {
             to,
             elapsed_ticks: 0,
@@ -511,7 +516,11 @@ impl RaftCore {
                     && self.leader.is_some()
                     && self.election_elapsed < self.config.election_timeout_ticks_min;
                 if !forced && in_lease {
-                    debug!(id = self.id, from = m.from, "vote request ignored: leader lease");
+                    debug!(
+                        id = self.id,
+                        from = m.from,
+                        "vote request ignored: leader lease"
+                    );
                     return Ok(());
                 }
             }
@@ -619,7 +628,11 @@ impl RaftCore {
             }
             MessageBody::TimeoutNow => {
                 if self.role != Role::Leader {
-                    info!(id = self.id, term = self.term, "TimeoutNow: campaigning for transfer");
+                    info!(
+                        id = self.id,
+                        term = self.term,
+                        "TimeoutNow: campaigning for transfer"
+                    );
                     self.campaign(true);
                 }
             }
@@ -635,10 +648,11 @@ impl RaftCore {
             reason,
         };
         match &m.body {
-            MessageBody::PreVote { last_log_term, .. } | MessageBody::Vote { last_log_term, .. } => {
-                if *last_log_term > m.term {
-                    return Err(malformed("vote", "last log term above message term"));
-                }
+            MessageBody::PreVote { last_log_term, .. }
+            | MessageBody::Vote { last_log_term, .. }
+                if *last_log_term > m.term =>
+            {
+                return Err(malformed("vote", "last log term above message term"));
             }
             MessageBody::Append {
                 prev_log_index,
@@ -830,7 +844,8 @@ impl RaftCore {
             reply(self, 0, false);
             return;
         };
-        let same = incoming.term == term && incoming.meta == meta && incoming.total_bytes == total_bytes;
+        let same =
+            incoming.term == term && incoming.meta == meta && incoming.total_bytes == total_bytes;
         if !same {
             reply(self, 0, false);
             return;
@@ -925,7 +940,8 @@ impl RaftCore {
         pr.recent_active = true;
         pr.on_heartbeat_response(inflight_max);
         pr.read_round = pr.read_round.max(read_round);
-        let behind = pr.match_index < last_index || matches!(pr.state, ProgressState::Snapshot { .. });
+        let behind =
+            pr.match_index < last_index || matches!(pr.state, ProgressState::Snapshot { .. });
         if behind {
             self.send_append(from, true);
         }
@@ -971,7 +987,11 @@ impl RaftCore {
                     pr.recent_active = false;
                 }
                 if active < self.quorum() {
-                    info!(id = self.id, term = self.term, "check quorum failed: stepping down");
+                    info!(
+                        id = self.id,
+                        term = self.term,
+                        "check quorum failed: stepping down"
+                    );
                     self.become_follower(self.term, None);
                     return;
                 }
@@ -980,7 +1000,11 @@ impl RaftCore {
         if let Some(transfer) = self.transfer.as_mut() {
             transfer.elapsed_ticks += 1;
             if transfer.elapsed_ticks >= self.config.transfer_timeout_ticks {
-                info!(id = self.id, to = transfer.to, "leadership transfer abandoned");
+                info!(
+                    id = self.id,
+                    to = transfer.to,
+                    "leadership transfer abandoned"
+                );
                 self.transfer = None;
             }
         }
@@ -1271,7 +1295,11 @@ impl RaftCore {
     }
 
     fn become_leader(&mut self) {
-        assert_eq!(self.role, Role::Candidate, "only a candidate becomes leader");
+        assert_eq!(
+            self.role,
+            Role::Candidate,
+            "only a candidate becomes leader"
+        );
         assert_eq!(self.voted_for, Some(self.id), "a leader voted for itself");
         info!(id = self.id, term = self.term, "became leader");
         self.role = Role::Leader;
@@ -1283,7 +1311,11 @@ impl RaftCore {
         self.read_round_fresh = false;
         self.incoming_snapshot = None;
         let next = self.log.last_index() + 1;
-        self.progress = self.peers().into_iter().map(|p| (p, Progress::new(next))).collect();
+        self.progress = self
+            .peers()
+            .into_iter()
+            .map(|p| (p, Progress::new(next)))
+            .collect();
         // No entry is appended: announce leadership with empty probes.
         for peer in self.peers() {
             self.send_append(peer, true);
@@ -1313,9 +1345,9 @@ impl RaftCore {
 
     fn reset_election_timer(&mut self) {
         self.election_elapsed = 0;
-        self.election_timeout = self
-            .rng
-            .random_range(self.config.election_timeout_ticks_min..self.config.election_timeout_ticks_max);
+        self.election_timeout = self.rng.random_range(
+            self.config.election_timeout_ticks_min..self.config.election_timeout_ticks_max,
+        );
     }
 
     fn quorum(&self) -> usize {
@@ -1323,7 +1355,11 @@ impl RaftCore {
     }
 
     fn peers(&self) -> Vec<NodeId> {
-        self.voters.iter().copied().filter(|&v| v != self.id).collect()
+        self.voters
+            .iter()
+            .copied()
+            .filter(|&v| v != self.id)
+            .collect()
     }
 
     fn hard_state(&self) -> HardState {
@@ -1364,8 +1400,16 @@ impl RaftCore {
         match self.role {
             Role::Leader => {
                 assert_eq!(self.leader, Some(self.id), "leader does not know itself");
-                assert_eq!(self.voted_for, Some(self.id), "leader did not vote for itself");
-                assert_eq!(self.progress.len(), self.voters.len() - 1, "progress per peer");
+                assert_eq!(
+                    self.voted_for,
+                    Some(self.id),
+                    "leader did not vote for itself"
+                );
+                assert_eq!(
+                    self.progress.len(),
+                    self.voters.len() - 1,
+                    "progress per peer"
+                );
             }
             _ => {
                 assert!(self.progress.is_empty(), "non-leader keeps progress");
@@ -1373,7 +1417,11 @@ impl RaftCore {
             }
         }
         if self.role == Role::Candidate {
-            assert_eq!(self.voted_for, Some(self.id), "candidate did not vote for itself");
+            assert_eq!(
+                self.voted_for,
+                Some(self.id),
+                "candidate did not vote for itself"
+            );
         }
     }
 }
@@ -1396,7 +1444,10 @@ fn validate_persisted(persisted: &PersistedState, voters: &[NodeId]) -> Result<(
         return bad(format!("snapshot at index {index} with term {term}"));
     }
     if term > hard_state.term {
-        return bad(format!("snapshot term {term} above current term {}", hard_state.term));
+        return bad(format!(
+            "snapshot term {term} above current term {}",
+            hard_state.term
+        ));
     }
     for entry in &persisted.entries {
         if entry.index != index + 1 {

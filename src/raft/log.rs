@@ -118,7 +118,10 @@ impl RaftLog {
     /// Entries from `low` on, at most `count_max` of them and at most
     /// `bytes_max` bytes of data, but at least one if any exists.
     pub(crate) fn entries_from(&self, low: u64, count_max: usize, bytes_max: u64) -> Vec<Entry> {
-        assert!(low > self.offset(), "entries_from({low}) below the snapshot");
+        assert!(
+            low > self.offset(),
+            "entries_from({low}) below the snapshot"
+        );
         let mut out = Vec::new();
         let mut bytes = 0u64;
         let start = (low - self.offset() - 1) as usize;
@@ -151,8 +154,15 @@ impl RaftLog {
 
     /// A leader appends its own new entry.
     pub(crate) fn append_new(&mut self, entry: Entry) {
-        assert_eq!(entry.index, self.last_index() + 1, "leader append not contiguous");
-        assert!(entry.term >= self.last_term(), "leader append with lower term");
+        assert_eq!(
+            entry.index,
+            self.last_index() + 1,
+            "leader append not contiguous"
+        );
+        assert!(
+            entry.term >= self.last_term(),
+            "leader append with lower term"
+        );
         self.entries.push_back(entry);
     }
 
@@ -180,7 +190,9 @@ impl RaftLog {
             }
             entries = &entries[skip..];
             prev_log_index = self.committed;
-            prev_log_term = self.term(self.committed).expect("committed entry is in the log");
+            prev_log_term = self
+                .term(self.committed)
+                .expect("committed entry is in the log");
         }
         match self.term(prev_log_index) {
             Some(term) if term == prev_log_term => {}
@@ -201,7 +213,10 @@ impl RaftLog {
                 };
             }
             None => {
-                assert!(prev_log_index > self.last_index(), "compacted index above commit");
+                assert!(
+                    prev_log_index > self.last_index(),
+                    "compacted index above commit"
+                );
                 return AppendCheck::Conflict {
                     conflict_index: self.last_index() + 1,
                     conflict_term: None,
@@ -256,8 +271,14 @@ impl RaftLog {
 
     /// The service has made a snapshot covering `..= index`: compact the log.
     pub(crate) fn compact(&mut self, index: u64, data: Bytes) {
-        assert!(index > self.offset(), "compact({index}) not above the snapshot");
-        assert!(index <= self.applied, "compact({index}) above the applied index");
+        assert!(
+            index > self.offset(),
+            "compact({index}) not above the snapshot"
+        );
+        assert!(
+            index <= self.applied,
+            "compact({index}) above the applied index"
+        );
         assert!(index < self.unstable_from, "compacting unpersisted entries");
         let term = self.term(index).expect("applied entry is in the log");
         let drop = (index - self.offset()) as usize;
@@ -310,7 +331,8 @@ impl RaftLog {
 
     /// Hands out what must be persisted: (snapshot, truncate_from, entries).
     pub(crate) fn take_unpersisted(&mut self) -> (Option<Snapshot>, Option<u64>, Vec<Entry>) {
-        let snapshot = std::mem::take(&mut self.snapshot_unpersisted).then(|| self.snapshot.clone());
+        let snapshot =
+            std::mem::take(&mut self.snapshot_unpersisted).then(|| self.snapshot.clone());
         let truncate_from = self.truncate_from.take();
         let from = self.unstable_from.max(self.offset() + 1);
         let entries: Vec<Entry> = if from <= self.last_index() {
@@ -375,7 +397,11 @@ impl RaftLog {
             self.last_index()
         );
         if let Some(first) = self.entries.front() {
-            assert_eq!(first.index, self.offset() + 1, "first entry not after snapshot");
+            assert_eq!(
+                first.index,
+                self.offset() + 1,
+                "first entry not after snapshot"
+            );
         }
         if let Some(last) = self.entries.back() {
             assert_eq!(last.index, self.last_index(), "entries not contiguous");
