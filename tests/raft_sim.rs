@@ -23,6 +23,8 @@ use rand_chacha::ChaCha8Rng;
 const DEFAULT_SEEDS: u64 = 1000;
 /// Ticks of chaos before healing.
 const CHAOS_TICKS: u64 = 1_500;
+/// Longest delay of a held-back message (many election timeouts).
+const LONG_DELAY_TICKS: u64 = 200;
 /// Ticks the healed cluster has to commit a new proposal everywhere.
 const LIVENESS_TICKS: u64 = 1_500;
 
@@ -90,6 +92,8 @@ struct Faults {
     drop: f64,
     duplicate: f64,
     delay_max: u64,
+    /// Probability that a message is held back for up to `LONG_DELAY_TICKS`.
+    long_delay: f64,
     crash: f64,
     crash_in_ready: f64,
     restart: f64,
@@ -108,6 +112,7 @@ struct Stats {
     reads_confirmed: u64,
     truncations: u64,
     messages: u64,
+    requests: u64,
 }
 
 impl Stats {
@@ -120,6 +125,7 @@ impl Stats {
         self.reads_confirmed += other.reads_confirmed;
         self.truncations += other.truncations;
         self.messages += other.messages;
+        self.requests += other.requests;
     }
 }
 
@@ -147,8 +153,7 @@ struct Sim {
 impl Sim {
     fn new(seed: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let size = [1, 3, 3, 3, 5, 5][rng.random_range(0..6)];
-        let voters: Vec<NodeId> = (1..=size).collect();
+        let size = [1, 3, 3, 3, 5, 5, 7][rng.random_range(0..7)];
         let heartbeat = rng.random_range(2..=4);
         let election_min = heartbeat * 3 + rng.random_range(0..4);
         let both = rng.random_bool(0.7);
@@ -172,35 +177,21 @@ impl Sim {
         config.validate().expect("sim config is valid");
         let calm = rng.random_bool(0.2);
         let faults = Faults {
-            drop: if calm {
-                0.0
-            } else {
-                rng.random_range(0.0..0.2)
-            },
-            duplicate: if calm {
-                0.0
-            } else {
-                rng.random_range(0.0..0.1)
-            },
+            drop: if calm { 0.0 } else { rng.random_range(0.0..0.2) },
+            duplicate: if calm { 0.0 } else { rng.random_range(0.0..0.1) },
             delay_max: rng.random_range(0..=if calm { 1 } else { 6 }),
-            crash: if calm {
-                0.0
-            } else {
-                rng.random_range(0.0..0.01)
-            },
-            crash_in_ready: if calm {
-                0.0
-            } else {
-                rng.random_range(0.0..0.01)
-            },
+            long_delay: if calm { 0.0 } else { rng.random_range(0.0..0.03) },
+            crash: if calm { 0.0 } else { rng.random_range(0.0..0.01) },
+            crash_in_ready: if calm { 0.0 } else { rng.random_range(0.0..0.01) },
             restart: rng.random_range(0.02..0.1),
-            partition: if calm {
-                0.0
-            } else {
-                rng.random_range(0.0..0.03)
-            },
+            partition: if calm { 0.0 } else { rng.random_range(0.0..0.03) },
             skip_tick: rng.random_range(0.0..0.1),
         };
+        Sim::build(seed, rng, size, config, faults)
+    }
+
+    fn build(seed: u64, rng: ChaCha8Rng, size: u64, config: Config, faults: Faults) -> Self {
+        let voters: Vec<NodeId> = (1..=size).collect();
         let mut sim = Sim {
             seed,
             rng,
@@ -274,6 +265,9 @@ impl Sim {
 
     fn send(&mut self, message: Message) {
         self.stats.messages += 1;
+        if !message.is_response() {
+            self.stats.requests += 1;
+        }
         if self.rng.random_bool(self.faults.drop) {
             return;
         }
@@ -283,7 +277,11 @@ impl Sim {
             1
         };
         for _ in 0..copies {
-            let delay = self.rng.random_range(0..=self.faults.delay_max);
+            let delay = if self.rng.random_bool(self.faults.long_delay) {
+                self.rng.random_range(0..=LONG_DELAY_TICKS)
+            } else {
+                self.rng.random_range(0..=self.faults.delay_max)
+            };
             self.network.push(InFlight {
                 deliver_at: self.now + delay,
                 message: message.clone(),
@@ -688,6 +686,7 @@ impl Sim {
             drop: 0.0,
             duplicate: 0.0,
             delay_max: 1,
+            long_delay: 0.0,
             crash: 0.0,
             crash_in_ready: 0.0,
             restart: 1.0,
@@ -823,4 +822,74 @@ fn simulation_even_seeds() {
 #[test]
 fn simulation_odd_seeds() {
     run_seeds(seeds(1).into_iter());
+}
+
+/// One tick of a calm cluster: tick everyone, deliver, run every Ready.
+fn calm_tick(sim: &mut Sim) {
+    sim.now += 1;
+    sim.tick_all(0.0);
+    sim.deliver_due();
+    for slot in sim.live() {
+        sim.process_ready(slot);
+    }
+}
+
+// With the default config at 10 ms ticks, the core meets the labs' numeric
+// bounds on a calm 3-node network: a leader within 5 s, an election in 1–30
+// RPCs, 12 agreements started without waiting in ≤ 42 RPCs, ≤ 60 messages
+// in 1 s idle, and at most 10 heartbeats per second per peer.
+#[test]
+fn default_config_meets_lab_count_bounds() {
+    for seed in 0..20 {
+        let faults = Faults {
+            drop: 0.0,
+            duplicate: 0.0,
+            delay_max: 0,
+            long_delay: 0.0,
+            crash: 0.0,
+            crash_in_ready: 0.0,
+            restart: 0.0,
+            partition: 0.0,
+            skip_tick: 0.0,
+        };
+        let rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut sim = Sim::build(seed, rng, 3, Config::default(), faults);
+        while sim.leader_slot().is_none() {
+            calm_tick(&mut sim);
+            assert!(sim.now <= 500, "seed {seed}: no leader within 5 s");
+        }
+        let election = sim.stats.requests;
+        assert!((1..=30).contains(&election), "seed {seed}: election used {election} RPCs");
+        for _ in 0..50 {
+            calm_tick(&mut sim);
+        }
+        let leader = sim.leader_slot().expect("stable leader");
+        let before = sim.stats.requests;
+        // Like the lab: 1 + 11 proposals started without waiting, here one
+        // per tick so each goes out in its own Ready (no driver batching).
+        let mut last = 0;
+        for round in 1..=12 {
+            let (index, _) = sim.propose(leader).expect("leader accepts");
+            assert_eq!(index, round, "seed {seed}: proposal landed at {index}");
+            last = index;
+            calm_tick(&mut sim);
+        }
+        let start = sim.now;
+        while !sim.nodes.iter().all(|n| n.service.applied >= last) {
+            calm_tick(&mut sim);
+            assert!(sim.now < start + 100, "seed {seed}: agreement stuck");
+        }
+        let agreement = sim.stats.requests - before;
+        assert!(agreement <= 42, "seed {seed}: 12 agreements used {agreement} RPCs");
+        let before = (sim.stats.requests, sim.stats.messages);
+        let heartbeats_before = sim.stats.requests;
+        for _ in 0..100 {
+            calm_tick(&mut sim);
+        }
+        let idle = sim.stats.messages - before.1;
+        assert!(idle <= 60, "seed {seed}: 1 s idle used {idle} messages");
+        let per_peer = (sim.stats.requests - heartbeats_before) / 2;
+        assert!(per_peer <= 10, "seed {seed}: {per_peer} heartbeats per second per peer");
+        assert_eq!(sim.leader_slot(), Some(leader), "seed {seed}: leadership changed while calm");
+    }
 }

@@ -964,11 +964,19 @@ impl RaftCore {
             self.send_append(from, true);
             return;
         }
+        let chunk_max = self.config.snapshot_chunk_bytes_max;
         if let ProgressState::Snapshot { snapshot, offset } = &mut pr.state {
-            if snapshot.meta.last_included_index == index
-                && next_offset <= snapshot.data.len() as u64
-            {
-                *offset = next_offset;
+            let total = snapshot.data.len() as u64;
+            if snapshot.meta.last_included_index != index || next_offset > total {
+                return;
+            }
+            // Only the acknowledgement of the chunk last sent moves the
+            // transfer on; answers to duplicates just record where the
+            // follower is (a heartbeat response resends from there), so
+            // duplicate chunks never multiply into parallel streams.
+            let acknowledged = next_offset == (*offset + chunk_max).min(total);
+            *offset = next_offset;
+            if acknowledged {
                 pr.paused = false;
                 self.send_append(from, true);
             }
