@@ -177,14 +177,38 @@ impl Sim {
         config.validate().expect("sim config is valid");
         let calm = rng.random_bool(0.2);
         let faults = Faults {
-            drop: if calm { 0.0 } else { rng.random_range(0.0..0.2) },
-            duplicate: if calm { 0.0 } else { rng.random_range(0.0..0.1) },
+            drop: if calm {
+                0.0
+            } else {
+                rng.random_range(0.0..0.2)
+            },
+            duplicate: if calm {
+                0.0
+            } else {
+                rng.random_range(0.0..0.1)
+            },
             delay_max: rng.random_range(0..=if calm { 1 } else { 6 }),
-            long_delay: if calm { 0.0 } else { rng.random_range(0.0..0.03) },
-            crash: if calm { 0.0 } else { rng.random_range(0.0..0.01) },
-            crash_in_ready: if calm { 0.0 } else { rng.random_range(0.0..0.01) },
+            long_delay: if calm {
+                0.0
+            } else {
+                rng.random_range(0.0..0.03)
+            },
+            crash: if calm {
+                0.0
+            } else {
+                rng.random_range(0.0..0.01)
+            },
+            crash_in_ready: if calm {
+                0.0
+            } else {
+                rng.random_range(0.0..0.01)
+            },
             restart: rng.random_range(0.02..0.1),
-            partition: if calm { 0.0 } else { rng.random_range(0.0..0.03) },
+            partition: if calm {
+                0.0
+            } else {
+                rng.random_range(0.0..0.03)
+            },
             skip_tick: rng.random_range(0.0..0.1),
         };
         Sim::build(seed, rng, size, config, faults)
@@ -859,7 +883,10 @@ fn default_config_meets_lab_count_bounds() {
             assert!(sim.now <= 500, "seed {seed}: no leader within 5 s");
         }
         let election = sim.stats.requests;
-        assert!((1..=30).contains(&election), "seed {seed}: election used {election} RPCs");
+        assert!(
+            (1..=30).contains(&election),
+            "seed {seed}: election used {election} RPCs"
+        );
         for _ in 0..50 {
             calm_tick(&mut sim);
         }
@@ -880,7 +907,10 @@ fn default_config_meets_lab_count_bounds() {
             assert!(sim.now < start + 100, "seed {seed}: agreement stuck");
         }
         let agreement = sim.stats.requests - before;
-        assert!(agreement <= 42, "seed {seed}: 12 agreements used {agreement} RPCs");
+        assert!(
+            agreement <= 42,
+            "seed {seed}: 12 agreements used {agreement} RPCs"
+        );
         let before = (sim.stats.requests, sim.stats.messages);
         let heartbeats_before = sim.stats.requests;
         for _ in 0..100 {
@@ -889,7 +919,14 @@ fn default_config_meets_lab_count_bounds() {
         let idle = sim.stats.messages - before.1;
         assert!(idle <= 60, "seed {seed}: 1 s idle used {idle} messages");
         let per_peer = (sim.stats.requests - heartbeats_before) / 2;
-        assert!(per_peer <= 10, "seed {seed}: {per_peer} heartbeats per second per peer");
-        assert_eq!(sim.leader_slot(), Some(leader), "seed {seed}: leadership changed while calm");
+        assert!(
+            per_peer <= 10,
+            "seed {seed}: {per_peer} heartbeats per second per peer"
+        );
+        assert_eq!(
+            sim.leader_slot(),
+            Some(leader),
+            "seed {seed}: leadership changed while calm"
+        );
     }
 }

@@ -393,8 +393,12 @@ impl RaftCore {
         Ok(())
     }
 
-    /// Feeds a message received from a peer. A malformed or impossible
-    /// message is dropped with an error and changes nothing.
+    /// Feeds a message received from a peer. A misaddressed or malformed
+    /// message ([`StepError::WrongRecipient`], [`StepError::UnknownSender`],
+    /// [`StepError::Malformed`]) is dropped without effect. A message that
+    /// proves another node broke the protocol ([`StepError::CommittedConflict`],
+    /// [`StepError::SecondLeader`]) is refused after its term was taken into
+    /// account. The driver logs errors and carries on.
     pub fn step(&mut self, message: Message) -> Result<(), StepError> {
         self.assert_no_pending_ready();
         let result = self.step_inner(message);

@@ -827,6 +827,33 @@ fn s7_install_discards_conflicting_log() {
     );
 }
 
+// §7 regression (simulation seed 17476): entries appended right after an
+// install that discarded a longer conflicting log must be handed out for
+// persisting, even at indexes the old log had already persisted.
+#[test]
+fn s7_entries_after_discarding_install_are_persisted() {
+    let mut n = core_with(
+        2,
+        &[1, 2, 3],
+        config(),
+        persisted(1, None, log(&[1, 1, 1, 1, 1])),
+    );
+    let snap = snapshot(3, 2, b"s");
+    install_chunks(&mut n, 2, &snap, 100);
+    n.step(msg(
+        1,
+        2,
+        2,
+        append((3, 2), vec![entry(4, 2), entry(5, 2)], 5),
+    ))
+    .unwrap();
+    let out = cycle(&mut n);
+    assert_eq!(out.snapshot, Some(snap));
+    assert_eq!(out.log_truncate_from, Some(4));
+    assert_eq!(out.entries, vec![entry(4, 2), entry(5, 2)]);
+    assert_eq!(out.committed, vec![entry(4, 2), entry(5, 2)]);
+}
+
 // §7 (Figure 13 rule 6): entries following a matching snapshot are retained.
 #[test]
 fn s7_install_keeps_matching_suffix() {

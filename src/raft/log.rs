@@ -301,19 +301,22 @@ impl RaftLog {
             return false;
         }
         if self.term(index) == Some(snapshot.meta.last_included_term) {
-            // Rule 6: keep the entries following the snapshot.
+            // Rule 6: keep the entries following the snapshot; those already
+            // handed out stay persisted.
             let drop = (index - self.offset()) as usize;
             self.entries.drain(..drop);
+            self.unstable_from = self.unstable_from.max(index + 1);
         } else {
-            // Rule 7: discard the entire log.
+            // Rule 7: discard the entire log. Whatever is appended after the
+            // snapshot is new, however far the old log reached.
             self.entries.clear();
             self.truncate_from = Some(self.truncate_from.map_or(index + 1, |t| t.min(index + 1)));
+            self.unstable_from = index + 1;
             self.persisted_last = self.persisted_last.min(self.committed);
         }
         self.snapshot = snapshot;
         self.committed = index;
         self.applied = index;
-        self.unstable_from = self.unstable_from.max(index + 1);
         self.snapshot_unpersisted = true;
         self.snapshot_unapplied = true;
         true
