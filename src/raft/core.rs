@@ -918,6 +918,13 @@ impl RaftCore {
                 conflict_index,
                 conflict_term,
             } => {
+                if rejected_index == 0 || rejected_index > last_index {
+                    return Err(StepError::Malformed {
+                        from,
+                        kind: "append response",
+                        reason: "rejected index outside the leader's log",
+                    });
+                }
                 // Fast backup: skip the follower's whole conflicting term.
                 let hint = match conflict_term {
                     Some(term) => match self.log.last_index_with_term_at_most(term) {

@@ -1372,6 +1372,24 @@ fn malformed_messages_are_rejected() {
         assert!(!n.has_ready());
     }
     assert_eq!(before, (n.term(), n.last_index(), n.commit_index()));
+    // A leader refuses responses about indexes it never sent.
+    let mut leader = core_with(1, &[1, 2, 3], config(), persisted(1, None, log(&[1])));
+    elect(&mut leader, &[1, 2, 3]);
+    cycle(&mut leader);
+    for outcome in [
+        AppendOutcome::Success { match_index: 2 },
+        AppendOutcome::Conflict {
+            rejected_index: 9,
+            conflict_index: 9,
+            conflict_term: None,
+        },
+    ] {
+        assert!(matches!(
+            leader.step(msg(2, 1, 2, MessageBody::AppendResponse { outcome })),
+            Err(StepError::Malformed { .. })
+        ));
+    }
+    assert_eq!(leader.follower_progress(2), Some((0, 2)));
     // An append that would overwrite a committed entry is a protocol violation.
     n.step(msg(1, 2, 1, append((1, 1), vec![], 1))).unwrap();
     cycle(&mut n);
@@ -1404,4 +1422,47 @@ fn proposal_limits() {
     n.step(success(2, 1, 1, 1)).unwrap();
     assert_eq!(n.commit_index(), 1);
     n.propose(Bytes::from_static(b"123")).unwrap();
+}
+
+// Messages survive the driver's wire encoding (postcard) unchanged, and
+// garbage bytes decode to an error rather than a panic.
+#[test]
+fn messages_round_trip_through_postcard() {
+    let messages = [
+        msg(1, 2, 3, append((4, 2), vec![entry(5, 3)], 4)),
+        msg(
+            2,
+            1,
+            3,
+            MessageBody::AppendResponse {
+                outcome: AppendOutcome::Conflict {
+                    rejected_index: 4,
+                    conflict_index: 2,
+                    conflict_term: Some(1),
+                },
+            },
+        ),
+        msg(
+            1,
+            3,
+            3,
+            MessageBody::InstallSnapshot {
+                meta: SnapshotMeta {
+                    last_included_index: 9,
+                    last_included_term: 2,
+                },
+                total_bytes: 3,
+                offset: 0,
+                data: Bytes::from_static(b"abc"),
+                done: true,
+            },
+        ),
+        msg(3, 1, 4, MessageBody::TimeoutNow),
+    ];
+    for m in messages {
+        let bytes = postcard::to_allocvec(&m).expect("encode");
+        let back: Message = postcard::from_bytes(&bytes).expect("decode");
+        assert_eq!(back, m);
+        assert!(postcard::from_bytes::<Message>(&bytes[..bytes.len() - 1]).is_err());
+    }
 }
