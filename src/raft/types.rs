@@ -45,3 +45,26 @@ pub struct SnapshotMeta {
     /// Term of that entry.
     pub last_included_term: u64,
 }
+
+/// A snapshot of the service's state: where it sits in the log and the
+/// service's opaque bytes. `data` is reference-counted, so cloning is cheap.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Position of the snapshot in the log.
+    pub meta: SnapshotMeta,
+    /// The service's state as of `meta.last_included_index`, opaque to Raft.
+    pub data: Bytes,
+}
+
+/// Everything a node persisted, handed back to the core on restart
+/// ([`RaftCore::new`](crate::raft::RaftCore::new)). A brand-new node passes
+/// `PersistedState::default()`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PersistedState {
+    /// The last persisted hard state.
+    pub hard_state: HardState,
+    /// The last persisted snapshot, if any.
+    pub snapshot: Option<Snapshot>,
+    /// Every persisted log entry after the snapshot, in index order.
+    pub entries: Vec<Entry>,
+}
