@@ -313,8 +313,9 @@ fn malformed_histories_are_errors() {
 /// each operation overlapping the others' (all concurrent in small groups).
 fn long_legal_history(rounds: u64, clients: u64) -> Vec<Operation> {
     let mut history = Vec::new();
-    let mut version = 0;
     for round in 0..rounds {
+        // Round r's put moves the key from version r to r + 1.
+        let version = round;
         let start = round * 100;
         for client in 0..clients {
             // Client 0 puts; the others read the value before or after it.
@@ -326,7 +327,6 @@ fn long_legal_history(rounds: u64, clients: u64) -> Vec<Operation> {
                 history.push(get(client, "k", start + 1, start + 60, Ok(("v", version))));
             }
         }
-        version += 1;
     }
     history
 }
