@@ -308,7 +308,7 @@ fn assert_agrees(history: &[Operation]) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(config(3000))]
+    #![proptest_config(config(20_000))]
 
     // On random histories the checker's verdict equals the brute force's.
     #[test]

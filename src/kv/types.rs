@@ -399,7 +399,19 @@ mod tests {
         );
     }
 
+    /// Proptest settings with a fixed seed (override with PROPTEST_RNG_SEED=N);
+    /// a failure prints the minimal input, and re-running replays it.
+    fn seeded_config(cases: u32) -> proptest::test_runner::Config {
+        let mut config = proptest::test_runner::Config::with_cases(cases);
+        if matches!(config.rng_seed, proptest::test_runner::RngSeed::Random) {
+            config.rng_seed = proptest::test_runner::RngSeed::Fixed(0x6b76_7365_6564);
+        }
+        config
+    }
+
     proptest::proptest! {
+        #![proptest_config(seeded_config(2000))]
+
         // Decoding arbitrary bytes never panics, and whatever decodes survives a round trip.
         #[test]
         fn decode_garbage_never_panics(
