@@ -35,9 +35,18 @@ pub struct Completion {
     pub output: KvReply,
 }
 
+/// Most operations a history may hold (the search indexes events with `u32`).
+pub const HISTORY_OPERATIONS_MAX: usize = (u32::MAX / 2 - 1) as usize;
+
 /// A history that cannot be checked because it is malformed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum HistoryError {
+    /// The history holds more than [`HISTORY_OPERATIONS_MAX`] operations.
+    #[error("history of {len} operations exceeds the limit of {HISTORY_OPERATIONS_MAX}")]
+    TooLong {
+        /// Number of operations in the history.
+        len: usize,
+    },
     /// An operation returned before it was called.
     #[error("operation #{index} returns at {return_ns} ns, before its call at {call_ns} ns")]
     ReturnBeforeCall {
@@ -62,6 +71,9 @@ pub enum HistoryError {
 
 /// Checks that every operation is well-formed.
 pub(crate) fn validate(history: &[Operation]) -> Result<(), HistoryError> {
+    if history.len() > HISTORY_OPERATIONS_MAX {
+        return Err(HistoryError::TooLong { len: history.len() });
+    }
     for (index, operation) in history.iter().enumerate() {
         let Some(completion) = &operation.completion else {
             continue;

@@ -40,7 +40,7 @@ mod search;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-pub use history::{ClientId, Completion, HistoryError, Operation};
+pub use history::{ClientId, Completion, HISTORY_OPERATIONS_MAX, HistoryError, Operation};
 pub use model::ModelState;
 pub use recorder::{PendingCall, Recorder};
 pub use report::{BlockedOperation, CheckOutcome, IllegalReport, ReportedOperation, UnknownReason};

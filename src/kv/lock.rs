@@ -231,6 +231,7 @@ impl<C: KvClient> Lock<C> {
         let mut watching: Option<(Version, Instant)> = None;
         loop {
             let (observed, read_at) = self.observe().await?;
+            forget_passed(&mut sent, &observed);
             let base = match observed {
                 Observed::Free(version) => version,
                 Observed::Ours(current) => {
@@ -299,6 +300,7 @@ impl<C: KvClient> Lock<C> {
         let mut sent: Vec<(Version, Instant)> = Vec::new();
         loop {
             let (observed, _) = self.observe().await?;
+            forget_passed(&mut sent, &observed);
             let current = match observed {
                 Observed::Ours(current) => current,
                 Observed::Free(_) | Observed::Theirs(..) => {
@@ -417,4 +419,15 @@ impl<C: KvClient> Lock<C> {
             source,
         }
     }
+}
+
+/// Drops our sent Puts that can no longer be the one that installed our
+/// record: versions only grow, so one that would have created a version
+/// below the observed one never will. Keeps `sent` small while waiting.
+fn forget_passed(sent: &mut Vec<(Version, Instant)>, observed: &Observed) {
+    let version = match observed {
+        Observed::Free(version) => *version,
+        Observed::Ours(current) | Observed::Theirs(current, _) => current.version,
+    };
+    sent.retain(|&(installs, _)| installs >= version);
 }
