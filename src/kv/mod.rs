@@ -18,9 +18,9 @@ pub mod state_machine;
 pub mod types;
 
 pub use clerk::{Clerk, ClerkConfig, ClerkConfigError, KvClient, KvRpc, NoReply};
-pub use lock::{FencingToken, Lock, LockConfig, LockError, LockGrant, LockRecord};
+pub use lock::{FencingToken, Lock, LockConfig, LockError, LockGrant, LockRecord, OWNER_BYTES_MAX};
 pub use state_machine::{Applied, MemoryKv, VersionedMap, apply, execute};
 pub use types::{
-    COMMAND_BYTES_MAX, DecodeError, KEY_BYTES_MAX, KvCommand, KvError, KvReply, REPLY_BYTES_MAX,
-    SizeLimitedField, VALUE_BYTES_MAX, Version, Versioned,
+    COMMAND_BYTES_MAX, COMMAND_FORMAT, DecodeError, KEY_BYTES_MAX, KvCommand, KvError, KvReply,
+    REPLY_BYTES_MAX, REPLY_FORMAT, SizeLimitedField, VALUE_BYTES_MAX, Version, Versioned,
 };
