@@ -61,6 +61,12 @@ pub struct StoreConfig {
     /// empty. Default `true`; tools that must not write (`raftkv inspect`) set
     /// it to `false`.
     pub create_if_missing: bool,
+    /// How long `open` keeps retrying while another file handle holds the
+    /// directory lock before it returns `Locked`. Covers a previous holder
+    /// that is still going away (a process that is exiting, or a child
+    /// process forked while the store was open that has not yet exec'd and
+    /// closed its inherited copy of the lock). Default 500 ms.
+    pub lock_timeout_ms: u64,
     /// Size limits on writes.
     pub limits: Limits,
 }
@@ -71,6 +77,7 @@ impl Default for StoreConfig {
             cache_capacity_bytes: 64 * 1024 * 1024,
             flush_mode: FlushMode::EveryCommit,
             create_if_missing: true,
+            lock_timeout_ms: 500,
             limits: Limits::default(),
         }
     }

@@ -3,6 +3,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -76,9 +77,7 @@ impl Store {
                 false
             }
         };
-        let db = sled_config
-            .open()
-            .map_err(|error| map_open_error(error, &path))?;
+        let db = open_sled(&sled_config, &path, config.lock_timeout_ms)?;
         let engine = Engine::open(
             SledBackend { db },
             config.limits.clone(),
@@ -110,13 +109,34 @@ impl Store {
 
 /// sled's message when another open file handle holds the directory lock.
 const SLED_LOCK_MESSAGE: &str = "could not acquire lock";
+/// Pause between attempts to take a held directory lock.
+const LOCK_RETRY_INTERVAL_MS: u64 = 10;
 
-fn map_open_error(error: sled::Error, path: &Path) -> StorageError {
-    match error {
-        sled::Error::Io(io) if io.to_string().contains(SLED_LOCK_MESSAGE) => StorageError::Locked {
-            path: path.to_path_buf(),
-        },
-        other => other.into(),
+fn is_lock_error(error: &sled::Error) -> bool {
+    matches!(error, sled::Error::Io(io) if io.to_string().contains(SLED_LOCK_MESSAGE))
+}
+
+/// Opens sled, retrying for up to `lock_timeout_ms` while the lock is held.
+fn open_sled(
+    config: &sled::Config,
+    path: &Path,
+    lock_timeout_ms: u64,
+) -> Result<sled::Db, StorageError> {
+    let deadline = Instant::now() + Duration::from_millis(lock_timeout_ms);
+    loop {
+        match config.open() {
+            Ok(db) => return Ok(db),
+            Err(error) if is_lock_error(&error) => {
+                if Instant::now() >= deadline {
+                    return Err(StorageError::Locked {
+                        path: path.to_path_buf(),
+                    });
+                }
+                tracing::debug!(path = %path.display(), "directory lock is held; retrying");
+                std::thread::sleep(Duration::from_millis(LOCK_RETRY_INTERVAL_MS));
+            }
+            Err(error) => return Err(error.into()),
+        }
     }
 }
 

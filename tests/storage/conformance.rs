@@ -747,8 +747,8 @@ macro_rules! conformance_suite {
     };
 }
 
-conformance_suite!(sled_store, crate::SledHarness::new());
-conformance_suite!(mem_store, crate::MemHarness::new());
+conformance_suite!(sled_store, crate::SledHarness::default());
+conformance_suite!(mem_store, crate::MemHarness::default());
 
 #[test]
 fn mem_store_crash_loses_only_uncommitted_writes() {
@@ -817,7 +817,7 @@ fn both_stores_agree_on_the_same_history() {
             .mr_put("m", "r");
         store.commit(batch).unwrap();
     }
-    let mut sled = crate::SledHarness::new();
+    let mut sled = crate::SledHarness::default();
     let sled_store = sled.open();
     history(&sled_store);
     let mem_store = MemStore::open(&MemDisk::new()).unwrap();

@@ -34,8 +34,8 @@ pub struct SledHarness {
     pub dir: tempfile::TempDir,
 }
 
-impl SledHarness {
-    pub fn new() -> SledHarness {
+impl Default for SledHarness {
+    fn default() -> SledHarness {
         SledHarness {
             dir: tempfile::tempdir().expect("create a temporary directory"),
         }
@@ -64,8 +64,8 @@ pub struct MemHarness {
     pub dead: Vec<MemStore>,
 }
 
-impl MemHarness {
-    pub fn new() -> MemHarness {
+impl Default for MemHarness {
+    fn default() -> MemHarness {
         MemHarness {
             disk: MemDisk::new(),
             dead: Vec::new(),
@@ -111,12 +111,15 @@ pub struct GroupDump {
     pub snapshot: (SnapshotMeta, Bytes),
 }
 
+/// A KV namespace: id, applied index and all entries in key order.
+pub type NamespaceDump = (StateMachineId, u64, Vec<(Bytes, VersionedValue)>);
+
 /// Everything observable in a store, for comparing two stores or a store
 /// with a model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dump {
     pub groups: Vec<(GroupId, GroupDump)>,
-    pub kv: Vec<(StateMachineId, u64, Vec<(Bytes, VersionedValue)>)>,
+    pub kv: Vec<NamespaceDump>,
     pub mr: Vec<(Bytes, Bytes)>,
 }
 
