@@ -8,11 +8,18 @@
 //!
 //! Run: `cargo bench --bench storage`; compare the `raftkv` and `sled_raw`
 //! throughputs of each size.
+//!
+//! Criterion measures the two one after the other, so on a shared machine a
+//! load change between them skews their ratio. After the criterion run the
+//! bench therefore also prints a paired measurement: both workloads
+//! alternating commit by commit, so both see the same load, reporting the
+//! ratio of their median commit times for each size.
 
 use std::hint::black_box;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use raftkv::raft::{Entry, EntryKind};
 use raftkv::storage::{Storage, Store, WriteBatch};
 
@@ -87,5 +94,83 @@ fn append_throughput(c: &mut Criterion) {
     group.finish();
 }
 
+/// Commits per size in the paired measurement.
+const PAIRED_COMMITS: [(u64, usize); 3] = [(1, 1000), (16, 500), (256, 100)];
+
+/// Alternates raftkv and raw sled commits of each size and prints the ratio
+/// of their median commit times (> 1: raftkv is faster).
+fn paired_ratios() {
+    let data = Bytes::from(vec![0xab; ENTRY_BYTES]);
+    let value = [0xab; ENTRY_BYTES];
+    for (n, commits) in PAIRED_COMMITS {
+        let store_dir = tempfile::tempdir().expect("temporary directory");
+        let store = Store::open(store_dir.path()).expect("open store");
+        let sled_dir = tempfile::tempdir().expect("temporary directory");
+        let db = sled::Config::new()
+            .path(sled_dir.path())
+            .cache_capacity(CACHE_BYTES)
+            .flush_every_ms(None)
+            .open()
+            .expect("open sled");
+        let (mut ours, mut raw) = (Vec::with_capacity(commits), Vec::with_capacity(commits));
+        let (mut next_ours, mut next_raw) = (1u64, 1u64);
+        for round in 0..commits {
+            let mut time_ours = || {
+                let start = Instant::now();
+                let entries: Vec<Entry> = (next_ours..next_ours + n)
+                    .map(|index| Entry {
+                        index,
+                        term: 1,
+                        kind: EntryKind::Normal,
+                        data: data.clone(),
+                    })
+                    .collect();
+                let mut batch = WriteBatch::with_capacity(1);
+                batch.append(GROUP, entries);
+                store.commit(batch).expect("commit");
+                next_ours += n;
+                ours.push(start.elapsed());
+            };
+            let mut time_raw = || {
+                let start = Instant::now();
+                let mut batch = sled::Batch::default();
+                for index in next_raw..next_raw + n {
+                    batch.insert(&sled_key(index)[..], &value[..]);
+                }
+                db.apply_batch(batch).expect("apply_batch");
+                db.flush().expect("flush");
+                next_raw += n;
+                raw.push(start.elapsed());
+            };
+            // Alternate who goes first so neither always follows the other's flush.
+            if round % 2 == 0 {
+                time_ours();
+                time_raw();
+            } else {
+                time_raw();
+                time_ours();
+            }
+        }
+        let median = |times: &mut Vec<Duration>| {
+            times.sort();
+            times[times.len() / 2]
+        };
+        let (ours, raw) = (median(&mut ours), median(&mut raw));
+        println!(
+            "paired append_128B_per_flush/{n}: median commit raftkv {ours:?}, sled_raw {raw:?}; \
+             throughput ratio raftkv/sled_raw = {:.3}",
+            raw.as_secs_f64() / ours.as_secs_f64()
+        );
+    }
+}
+
 criterion_group!(benches, append_throughput);
-criterion_main!(benches);
+
+fn main() {
+    benches();
+    // `cargo test --benches` / `--list` only check that the bench runs.
+    if !std::env::args().any(|arg| arg == "--test" || arg == "--list") {
+        paired_ratios();
+    }
+    Criterion::default().configure_from_args().final_summary();
+}
