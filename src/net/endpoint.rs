@@ -83,7 +83,7 @@ impl Endpoint {
         &self,
         to: NodeId,
         request: &R,
-    ) -> impl Future<Output = Result<R::Reply, NetError>> + Send + 'static {
+    ) -> impl Future<Output = Result<R::Reply, NetError>> + Send + use<R> {
         self.call_inner(to, request, None)
     }
 
@@ -93,7 +93,7 @@ impl Endpoint {
         to: NodeId,
         request: &R,
         timeout: Duration,
-    ) -> impl Future<Output = Result<R::Reply, NetError>> + Send + 'static {
+    ) -> impl Future<Output = Result<R::Reply, NetError>> + Send + use<R> {
         self.call_inner(to, request, Some(timeout))
     }
 
@@ -102,7 +102,7 @@ impl Endpoint {
         to: NodeId,
         request: &R,
         timeout: Option<Duration>,
-    ) -> impl Future<Output = Result<R::Reply, NetError>> + Send + 'static {
+    ) -> impl Future<Output = Result<R::Reply, NetError>> + Send + use<R> {
         let sent = encode(R::KIND, request)
             .map(|payload| self.transport.call(to, R::KIND, payload, timeout));
         async move {
