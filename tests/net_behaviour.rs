@@ -47,14 +47,45 @@ async fn calls_return_replies_and_caller_ids(cluster: Cluster) {
     }
     for (index, server) in cluster.servers.iter().enumerate() {
         let body = vec![index as u8; 128];
-        let reply = cluster.client.call(server.id(), &Echo { seq: 7, body: body.clone() }).await.expect("reply");
-        assert_eq!((reply.seq, reply.body, reply.from, reply.server), (7, body, cluster.client.id(), server.id()));
+        let reply = cluster
+            .client
+            .call(
+                server.id(),
+                &Echo {
+                    seq: 7,
+                    body: body.clone(),
+                },
+            )
+            .await
+            .expect("reply");
+        assert_eq!(
+            (reply.seq, reply.body, reply.from, reply.server),
+            (7, body, cluster.client.id(), server.id())
+        );
     }
     // Servers call each other too, and a node can call itself.
     let (first, second) = (&cluster.servers[0], &cluster.servers[1]);
-    let reply = first.call(second.id(), &Echo { seq: 1, body: vec![] }).await.expect("member to member");
+    let reply = first
+        .call(
+            second.id(),
+            &Echo {
+                seq: 1,
+                body: vec![],
+            },
+        )
+        .await
+        .expect("member to member");
     assert_eq!((reply.from, reply.server), (first.id(), second.id()));
-    let reply = first.call(first.id(), &Echo { seq: 2, body: vec![] }).await.expect("self call");
+    let reply = first
+        .call(
+            first.id(),
+            &Echo {
+                seq: 2,
+                body: vec![],
+            },
+        )
+        .await
+        .expect("self call");
     assert_eq!((reply.from, reply.server), (first.id(), first.id()));
 }
 
@@ -84,24 +115,41 @@ async fn refusals_are_typed(cluster: Cluster) {
     serve_echo(server);
     let to = server.id();
     match cluster.client.call(to, &Unhandled).await {
-        Err(NetError::Refused { fault: RemoteFault::UnknownKind, kind, to: refused_by }) => {
+        Err(NetError::Refused {
+            fault: RemoteFault::UnknownKind,
+            kind,
+            to: refused_by,
+        }) => {
             assert_eq!((kind, refused_by), (Unhandled::KIND, to));
         }
         other => panic!("expected UnknownKind, got {other:?}"),
     }
     match cluster.client.call(to, &EchoV2 { seq: 1 }).await {
-        Err(NetError::Refused { fault: RemoteFault::VersionMismatch { supported: 1 }, .. }) => {}
+        Err(NetError::Refused {
+            fault: RemoteFault::VersionMismatch { supported: 1 },
+            ..
+        }) => {}
         other => panic!("expected VersionMismatch, got {other:?}"),
     }
     // Raw bytes that are not an `Echo` (a truncated varint) reach the typed handler.
-    let raw = cluster.client.transport().call(to, Echo::KIND, bytes::Bytes::from_static(&[0xff]), None);
+    let raw =
+        cluster
+            .client
+            .transport()
+            .call(to, Echo::KIND, bytes::Bytes::from_static(&[0xff]), None);
     match raw.await {
-        Err(NetError::Refused { fault: RemoteFault::BadRequest, .. }) => {}
+        Err(NetError::Refused {
+            fault: RemoteFault::BadRequest,
+            ..
+        }) => {}
         other => panic!("expected BadRequest, got {other:?}"),
     }
     // Registering a kind twice is refused.
-    assert!(matches!(server.inbox::<Seq>(8), Ok(_)));
-    assert!(matches!(server.inbox::<Seq>(8), Err(NetError::AlreadyRegistered(_))));
+    assert!(server.inbox::<Seq>(8).is_ok());
+    assert!(matches!(
+        server.inbox::<Seq>(8),
+        Err(NetError::AlreadyRegistered(_))
+    ));
 }
 
 // Proves a call whose handler never answers reports NoReply once its timeout has passed, not before.
@@ -111,9 +159,19 @@ async fn timeout_reports_no_reply(cluster: Cluster) {
     serve_hang(server, started, Arc::new(Notify::new()));
     let timeout = Duration::from_millis(300);
     let begin = Instant::now();
-    let result = cluster.client.call_timeout(server.id(), &Hang, timeout).await;
-    assert!(matches!(result, Err(NetError::NoReply { to }) if to == server.id()), "got {result:?}");
-    assert!(begin.elapsed() >= timeout, "NoReply after {:?}, before the timeout", begin.elapsed());
+    let result = cluster
+        .client
+        .call_timeout(server.id(), &Hang, timeout)
+        .await;
+    assert!(
+        matches!(result, Err(NetError::NoReply { to }) if to == server.id()),
+        "got {result:?}"
+    );
+    assert!(
+        begin.elapsed() >= timeout,
+        "NoReply after {:?}, before the timeout",
+        begin.elapsed()
+    );
     assert!(started_rx.try_recv().is_ok(), "the handler ran");
 }
 
@@ -134,7 +192,10 @@ async fn one_way_messages_arrive_in_order(cluster: Cluster) {
             .await
             .expect("messages keep arriving")
             .expect("inbox open");
-        let sender = senders.iter().position(|s| s.id() == from).expect("known sender");
+        let sender = senders
+            .iter()
+            .position(|s| s.id() == from)
+            .expect("known sender");
         assert_eq!(seq, next[sender], "message from {from} out of order");
         next[sender] += 1;
     }
@@ -147,7 +208,9 @@ async fn crash_during_calls_reports_no_reply(cluster: Cluster) {
     serve_hang(victim, started, Arc::new(Notify::new()));
     let mut inbox = victim.inbox::<Seq>(8).expect("inbox");
     let timeout = Duration::from_secs(30);
-    let calls: Vec<_> = (0..4).map(|_| cluster.client.call_timeout(victim.id(), &Hang, timeout)).collect();
+    let calls: Vec<_> = (0..4)
+        .map(|_| cluster.client.call_timeout(victim.id(), &Hang, timeout))
+        .collect();
     let calls = tokio::spawn(join_all(calls));
     for _ in 0..4 {
         started_rx.recv().await.expect("handler started");
@@ -155,15 +218,39 @@ async fn crash_during_calls_reports_no_reply(cluster: Cluster) {
     let begin = Instant::now();
     cluster.crash(victim.id()).await;
     for result in calls.await.expect("join") {
-        assert!(matches!(result, Err(NetError::NoReply { .. })), "got {result:?}");
+        assert!(
+            matches!(result, Err(NetError::NoReply { .. })),
+            "got {result:?}"
+        );
     }
-    assert!(begin.elapsed() < timeout, "the crash, not the timeout, ended the calls");
-    assert!(inbox.recv().await.is_none(), "the crashed node's inbox is closed");
-    assert!(matches!(victim.call(cluster.servers[1].id(), &Hang).await, Err(NetError::Shutdown)));
-    assert!(matches!(victim.send(cluster.servers[1].id(), &Seq(1)), Err(NetError::Shutdown)));
+    assert!(
+        begin.elapsed() < timeout,
+        "the crash, not the timeout, ended the calls"
+    );
+    assert!(
+        inbox.recv().await.is_none(),
+        "the crashed node's inbox is closed"
+    );
+    assert!(matches!(
+        victim.call(cluster.servers[1].id(), &Hang).await,
+        Err(NetError::Shutdown)
+    ));
+    assert!(matches!(
+        victim.send(cluster.servers[1].id(), &Seq(1)),
+        Err(NetError::Shutdown)
+    ));
     // The others keep working.
     serve_echo(&cluster.servers[1]);
-    let reply = cluster.client.call(cluster.servers[1].id(), &Echo { seq: 3, body: vec![] }).await;
+    let reply = cluster
+        .client
+        .call(
+            cluster.servers[1].id(),
+            &Echo {
+                seq: 3,
+                body: vec![],
+            },
+        )
+        .await;
     assert_eq!(reply.expect("survivor answers").seq, 3);
 }
 
@@ -182,8 +269,20 @@ async fn concurrent_calls_get_their_own_replies(cluster: Cluster) {
                 let seq = task * 1000 + round;
                 let to = servers[(seq % servers.len() as u64) as usize];
                 let body = seq.to_le_bytes().repeat(16);
-                let reply = caller.call(to, &Echo { seq, body: body.clone() }).await.expect("reply");
-                assert_eq!((reply.seq, reply.body, reply.server, reply.from), (seq, body, to, caller.id()));
+                let reply = caller
+                    .call(
+                        to,
+                        &Echo {
+                            seq,
+                            body: body.clone(),
+                        },
+                    )
+                    .await
+                    .expect("reply");
+                assert_eq!(
+                    (reply.seq, reply.body, reply.server, reply.from),
+                    (seq, body, to, caller.id())
+                );
             }
         }));
     }

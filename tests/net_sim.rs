@@ -20,7 +20,11 @@ use tokio::time::Instant;
 
 /// Sends `calls` Echo calls from `client` to `to` at the same instant and
 /// returns each outcome with the time it took, in whole milliseconds.
-async fn timed_calls(client: &Endpoint, to: NodeId, calls: u64) -> Vec<(Result<EchoReply, NetError>, u64)> {
+async fn timed_calls(
+    client: &Endpoint,
+    to: NodeId,
+    calls: u64,
+) -> Vec<(Result<EchoReply, NetError>, u64)> {
     let begin = Instant::now();
     let futures = (0..calls).map(|seq| {
         let call = client.call(to, &Echo { seq, body: vec![] });
@@ -49,14 +53,27 @@ async fn unreliable_mode_matches_reference_rates_and_delays() {
     let outcomes = timed_calls(&client, 1, CALLS).await;
 
     let dispatched = network.rpc_count(1);
-    let replied: Vec<u64> = outcomes.iter().filter(|(result, _)| result.is_ok()).map(|&(_, ms)| ms).collect();
+    let replied: Vec<u64> = outcomes
+        .iter()
+        .filter(|(result, _)| result.is_ok())
+        .map(|&(_, ms)| ms)
+        .collect();
     let request_drop_rate = 1.0 - dispatched as f64 / CALLS as f64;
     let reply_drop_rate = 1.0 - replied.len() as f64 / dispatched as f64;
     // 5 standard deviations of a binomial fraction at p = 0.1: about ±0.011.
-    assert!((0.089..=0.111).contains(&request_drop_rate), "seed {seed}: request drop rate {request_drop_rate}");
-    assert!((0.088..=0.112).contains(&reply_drop_rate), "seed {seed}: reply drop rate {reply_drop_rate}");
+    assert!(
+        (0.089..=0.111).contains(&request_drop_rate),
+        "seed {seed}: request drop rate {request_drop_rate}"
+    );
+    assert!(
+        (0.088..=0.112).contains(&reply_drop_rate),
+        "seed {seed}: reply drop rate {reply_drop_rate}"
+    );
     for (result, _) in &outcomes {
-        assert!(matches!(result, Ok(_) | Err(NetError::NoReply { to: 1 })), "seed {seed}: {result:?}");
+        assert!(
+            matches!(result, Ok(_) | Err(NetError::NoReply { to: 1 })),
+            "seed {seed}: {result:?}"
+        );
     }
 
     // A reply takes exactly the request's delay: uniform over 0..=26 ms.
@@ -68,10 +85,16 @@ async fn unreliable_mode_matches_reference_rates_and_delays() {
     let expected = replied.len() as f64 / 27.0;
     for (ms, &count) in histogram.iter().enumerate() {
         // About 600 per bin, standard deviation about 24: ±25 % is 6 deviations.
-        assert!((count as f64 - expected).abs() < 0.25 * expected, "seed {seed}: {count} replies at {ms} ms");
+        assert!(
+            (count as f64 - expected).abs() < 0.25 * expected,
+            "seed {seed}: {count} replies at {ms} ms"
+        );
     }
     let mean_ms = mean(&replied);
-    assert!((12.7..=13.3).contains(&mean_ms), "seed {seed}: mean delay {mean_ms} ms");
+    assert!(
+        (12.7..=13.3).contains(&mean_ms),
+        "seed {seed}: mean delay {mean_ms} ms"
+    );
     assert_eq!(network.total_rpcs(), CALLS);
 }
 
@@ -87,7 +110,10 @@ async fn long_reordering_matches_reference_distribution() {
     let outcomes = timed_calls(&client, 1, CALLS).await;
     let mut held: Vec<u64> = Vec::new();
     for (result, ms) in &outcomes {
-        assert!(result.is_ok(), "seed {seed}: reliable mode loses nothing: {result:?}");
+        assert!(
+            result.is_ok(),
+            "seed {seed}: reliable mode loses nothing: {result:?}"
+        );
         match ms {
             0 => {}
             200..2200 => held.push(ms - 200),
@@ -95,13 +121,22 @@ async fn long_reordering_matches_reference_distribution() {
         }
     }
     let held_rate = held.len() as f64 / CALLS as f64;
-    assert!((0.65..=0.683).contains(&held_rate), "seed {seed}: held back {held_rate}");
+    assert!(
+        (0.65..=0.683).contains(&held_rate),
+        "seed {seed}: held back {held_rate}"
+    );
     // E[rand(0..1+rand(0..2000))] = 499.75, standard error about 4.3 ms.
     let mean_extra = mean(&held);
-    assert!((475.0..=525.0).contains(&mean_extra), "seed {seed}: mean extra {mean_extra} ms");
+    assert!(
+        (475.0..=525.0).contains(&mean_extra),
+        "seed {seed}: mean extra {mean_extra} ms"
+    );
     // The nested draw makes long delays rare: P(extra > 1000) = (1 - ln 2) / 2 ≈ 0.153.
     let over_1000 = held.iter().filter(|&&ms| ms > 1000).count() as f64 / held.len() as f64;
-    assert!((0.13..=0.18).contains(&over_1000), "seed {seed}: share above 1000 ms {over_1000}");
+    assert!(
+        (0.13..=0.18).contains(&over_1000),
+        "seed {seed}: share above 1000 ms {over_1000}"
+    );
 }
 
 // Proves a cut link or a missing node reports NoReply after 0–100 ms, or 0–7000 ms with long delays, uniformly.
@@ -113,18 +148,29 @@ async fn cut_links_report_no_reply_after_short_or_long_delays() {
     serve_echo(&network.add_node(1).expect("node"));
     let client = network.add_client();
     network.set_link(client.id(), 1, false);
-    for (long_delays, to, bound_ms, mean_range) in
-        [(false, 1, 100, 47.0..=52.0), (true, 1, 7000, 3380.0..=3620.0), (false, 99, 100, 47.0..=52.0)]
-    {
+    for (long_delays, to, bound_ms, mean_range) in [
+        (false, 1, 100, 47.0..=52.0),
+        (true, 1, 7000, 3380.0..=3620.0),
+        (false, 99, 100, 47.0..=52.0),
+    ] {
         network.set_long_delays(long_delays);
         let outcomes = timed_calls(&client, to, CALLS).await;
         let waits: Vec<u64> = outcomes.iter().map(|&(_, ms)| ms).collect();
         for (result, ms) in &outcomes {
-            assert!(matches!(result, Err(NetError::NoReply { .. })), "seed {seed}: {result:?}");
-            assert!(*ms < bound_ms, "seed {seed}: NoReply after {ms} ms (bound {bound_ms})");
+            assert!(
+                matches!(result, Err(NetError::NoReply { .. })),
+                "seed {seed}: {result:?}"
+            );
+            assert!(
+                *ms < bound_ms,
+                "seed {seed}: NoReply after {ms} ms (bound {bound_ms})"
+            );
         }
         let mean_ms = mean(&waits);
-        assert!(mean_range.contains(&mean_ms), "seed {seed}: long {long_delays}: mean wait {mean_ms} ms");
+        assert!(
+            mean_range.contains(&mean_ms),
+            "seed {seed}: long {long_delays}: mean wait {mean_ms} ms"
+        );
     }
     assert_eq!(network.rpc_count(1), 0, "nothing crossed the cut link");
     assert_eq!(network.total_rpcs(), 3 * CALLS);
@@ -146,17 +192,47 @@ async fn crash_suppresses_in_flight_replies_and_restart_is_fresh() {
     network.crash(1);
     release.notify_waiters();
     assert!(matches!(call.await, Err(NetError::NoReply { to: 1 })));
-    assert_eq!(dispatched_at.elapsed(), Duration::from_millis(300), "noticed at the next 100 ms check");
+    assert_eq!(
+        dispatched_at.elapsed(),
+        Duration::from_millis(300),
+        "noticed at the next 100 ms check"
+    );
     assert!(!network.is_live(1));
-    assert!(matches!(server.register(|_, _: Echo| async { unreachable!() }), Err(NetError::Shutdown)));
+    assert!(matches!(
+        server.register(|_, _: Echo| async { unreachable!() }),
+        Err(NetError::Shutdown)
+    ));
 
     // While crashed, the node does not answer; after a restart, only the new endpoint works.
-    assert!(matches!(client.call(1, &Echo { seq: 0, body: vec![] }).await, Err(NetError::NoReply { to: 1 })));
+    assert!(matches!(
+        client
+            .call(
+                1,
+                &Echo {
+                    seq: 0,
+                    body: vec![]
+                }
+            )
+            .await,
+        Err(NetError::NoReply { to: 1 })
+    ));
     let restarted = network.restart(1);
     serve_echo(&restarted);
-    let reply = client.call(1, &Echo { seq: 5, body: vec![] }).await.expect("fresh incarnation answers");
+    let reply = client
+        .call(
+            1,
+            &Echo {
+                seq: 5,
+                body: vec![],
+            },
+        )
+        .await
+        .expect("fresh incarnation answers");
     assert_eq!(reply.seq, 5);
-    assert!(matches!(server.send(2, &Seq(0)), Err(NetError::Shutdown)), "the old endpoint stays dead");
+    assert!(
+        matches!(server.send(2, &Seq(0)), Err(NetError::Shutdown)),
+        "the old endpoint stays dead"
+    );
     assert!(matches!(network.add_node(1), Err(NetError::NodeExists(1))));
 }
 
@@ -185,7 +261,10 @@ async fn counters_count_rpcs_and_bytes_like_the_reference() {
     serve_echo(&server);
     let _inbox = server.inbox::<Seq>(16).expect("inbox");
     let client = network.add_client();
-    let request = Echo { seq: 1, body: vec![7; 5000] };
+    let request = Echo {
+        seq: 1,
+        body: vec![7; 5000],
+    };
     let reply = client.call(1, &request).await.expect("reply");
     let request_bytes = postcard::to_allocvec(&request).expect("encode").len() as u64;
     let reply_bytes = postcard::to_allocvec(&reply).expect("encode").len() as u64;
@@ -197,7 +276,10 @@ async fn counters_count_rpcs_and_bytes_like_the_reference() {
     network.set_link(client.id(), 1, false);
     assert!(client.call(1, &request).await.is_err());
     assert_eq!((network.rpc_count(1), network.total_rpcs()), (2, 3));
-    assert_eq!(network.total_bytes(), 2 * request_bytes + reply_bytes + message_bytes);
+    assert_eq!(
+        network.total_bytes(),
+        2 * request_bytes + reply_bytes + message_bytes
+    );
     assert_eq!(network.rpc_count(client.id()), 0);
 }
 
@@ -205,29 +287,55 @@ async fn counters_count_rpcs_and_bytes_like_the_reference() {
 #[tokio::test(start_paused = true)]
 async fn partitions_and_per_client_links() {
     let network = SimNetwork::new(SimConfig::new(17));
-    let nodes: Vec<Endpoint> = (1..=3).map(|id| network.add_node(id).expect("node")).collect();
+    let nodes: Vec<Endpoint> = (1..=3)
+        .map(|id| network.add_node(id).expect("node"))
+        .collect();
     nodes.iter().for_each(serve_echo);
     let (clerk_a, clerk_b) = (network.add_client(), network.add_client());
-    assert_eq!((clerk_a.id(), clerk_b.id()), (CLIENT_ID_BASE, CLIENT_ID_BASE + 1));
+    assert_eq!(
+        (clerk_a.id(), clerk_b.id()),
+        (CLIENT_ID_BASE, CLIENT_ID_BASE + 1)
+    );
     let reaches = |from: &Endpoint, to: NodeId| {
-        let call = from.call(to, &Echo { seq: 0, body: vec![] });
+        let call = from.call(
+            to,
+            &Echo {
+                seq: 0,
+                body: vec![],
+            },
+        );
         async move { call.await.is_ok() }
     };
     network.partition(&[&[1, 2, clerk_a.id()], &[3, clerk_b.id()]]);
-    assert!(reaches(&nodes[0], 2).await && reaches(&clerk_a, 1).await && reaches(&clerk_b, 3).await);
-    assert!(!reaches(&nodes[0], 3).await && !reaches(&nodes[2], 1).await && !reaches(&clerk_b, 1).await);
+    assert!(
+        reaches(&nodes[0], 2).await && reaches(&clerk_a, 1).await && reaches(&clerk_b, 3).await
+    );
+    assert!(
+        !reaches(&nodes[0], 3).await && !reaches(&nodes[2], 1).await && !reaches(&clerk_b, 1).await
+    );
     network.heal();
     assert!(reaches(&nodes[0], 3).await && reaches(&clerk_b, 1).await);
     network.set_link(1, 2, false);
-    assert!(!reaches(&nodes[0], 2).await && reaches(&nodes[1], 1).await, "links are directed");
+    assert!(
+        !reaches(&nodes[0], 2).await && reaches(&nodes[1], 1).await,
+        "links are directed"
+    );
     network.heal();
     network.disconnect(2);
-    assert!(!reaches(&nodes[0], 2).await && !reaches(&nodes[1], 3).await && !reaches(&clerk_a, 2).await);
-    assert!(reaches(&nodes[0], 3).await && reaches(&nodes[1], 2).await, "others and self unaffected");
+    assert!(
+        !reaches(&nodes[0], 2).await && !reaches(&nodes[1], 3).await && !reaches(&clerk_a, 2).await
+    );
+    assert!(
+        reaches(&nodes[0], 3).await && reaches(&nodes[1], 2).await,
+        "others and self unaffected"
+    );
     network.connect(2);
     assert!(reaches(&nodes[0], 2).await && reaches(&clerk_a, 2).await);
     network.set_connected(clerk_a.id(), 3, false);
-    assert!(!reaches(&clerk_a, 3).await && reaches(&clerk_b, 3).await, "one clerk's link alone is cut");
+    assert!(
+        !reaches(&clerk_a, 3).await && reaches(&clerk_b, 3).await,
+        "one clerk's link alone is cut"
+    );
 }
 
 // Proves one-way messages on an unreliable network lose about 10 % but never arrive out of order.
@@ -253,7 +361,10 @@ async fn one_way_messages_stay_in_order_on_an_unreliable_network() {
         assert_eq!(from, 2);
         received.push(seq);
     }
-    assert!(received.windows(2).all(|pair| pair[0] < pair[1]), "seed {seed}: reordered");
+    assert!(
+        received.windows(2).all(|pair| pair[0] < pair[1]),
+        "seed {seed}: reordered"
+    );
     let loss = 1.0 - received.len() as f64 / MESSAGES as f64;
     assert!((0.085..=0.115).contains(&loss), "seed {seed}: loss {loss}");
     assert_eq!(network.rpc_count(1), received.len() as u64);
@@ -266,7 +377,14 @@ async fn inbox_skips_undecodable_messages() {
     let receiver = network.add_node(1).expect("node");
     let mut inbox = receiver.inbox::<Seq>(8).expect("inbox");
     let sender = network.add_node(2).expect("node");
-    sender.transport().send(1, <Seq as raftkv::net::Message>::KIND, bytes::Bytes::from_static(&[0xff; 11])).expect("sent");
+    sender
+        .transport()
+        .send(
+            1,
+            <Seq as raftkv::net::Message>::KIND,
+            bytes::Bytes::from_static(&[0xff; 11]),
+        )
+        .expect("sent");
     sender.send(1, &Seq(4)).expect("sent");
     assert_eq!(inbox.recv().await, Some((2, Seq(4))));
 }
@@ -284,9 +402,14 @@ fn run_scenario(seed: u64) -> (Vec<SimEvent>, Vec<String>) {
         config.trace_events_max = 100_000;
         let network = SimNetwork::new(config);
         let begin = Instant::now();
-        let nodes: Vec<Endpoint> = (1..=3).map(|id| network.add_node(id).expect("node")).collect();
+        let nodes: Vec<Endpoint> = (1..=3)
+            .map(|id| network.add_node(id).expect("node"))
+            .collect();
         nodes.iter().for_each(serve_echo);
-        let inboxes: Vec<_> = nodes.iter().map(|node| node.inbox::<Seq>(10_000).expect("inbox")).collect();
+        let inboxes: Vec<_> = nodes
+            .iter()
+            .map(|node| node.inbox::<Seq>(10_000).expect("inbox"))
+            .collect();
         network.set_reliable(false);
         network.set_long_reordering(true);
         network.set_long_delays(true);
@@ -297,9 +420,21 @@ fn run_scenario(seed: u64) -> (Vec<SimEvent>, Vec<String>) {
                 for round in 0..40u64 {
                     let to = (node.id() + round) % 3 + 1;
                     let _ = node.send(to, &Seq(round));
-                    let result = node.call(to, &Echo { seq: round, body: vec![0; 10] }).await;
+                    let result = node
+                        .call(
+                            to,
+                            &Echo {
+                                seq: round,
+                                body: vec![0; 10],
+                            },
+                        )
+                        .await;
                     let at = begin.elapsed();
-                    seen.push(format!("{}->{to} #{round}: {:?} at {at:?}", node.id(), result.map(|r| r.seq)));
+                    seen.push(format!(
+                        "{}->{to} #{round}: {:?} at {at:?}",
+                        node.id(),
+                        result.map(|r| r.seq)
+                    ));
                 }
                 seen
             }));
@@ -307,9 +442,16 @@ fn run_scenario(seed: u64) -> (Vec<SimEvent>, Vec<String>) {
         // A test-side partitioner drawing from its own seeded generator.
         let mut partitioner = ChaCha8Rng::seed_from_u64(seed ^ 0xabcdef);
         for _ in 0..10 {
-            tokio::time::sleep(Duration::from_millis(1000 + partitioner.random_range(0..200))).await;
+            tokio::time::sleep(Duration::from_millis(
+                1000 + partitioner.random_range(0..200),
+            ))
+            .await;
             let sides: Vec<bool> = (0..3).map(|_| partitioner.random_bool(0.5)).collect();
-            let side = |wanted: bool| -> Vec<NodeId> { (1..=3).filter(|&id| sides[id as usize - 1] == wanted).collect() };
+            let side = |wanted: bool| -> Vec<NodeId> {
+                (1..=3)
+                    .filter(|&id| sides[id as usize - 1] == wanted)
+                    .collect()
+            };
             let (left, right) = (side(true), side(false));
             network.partition(&[&left, &right]);
         }
@@ -328,12 +470,34 @@ fn same_seed_gives_the_same_schedule() {
     let seed = 20;
     let (trace, seen) = run_scenario(seed);
     let (trace_again, seen_again) = run_scenario(seed);
-    assert!(trace.len() > 300, "seed {seed}: a busy trace ({} events)", trace.len());
-    for outcome in [SimOutcome::RequestDropped, SimOutcome::ReplyDropped, SimOutcome::CallUnreachable, SimOutcome::MessageDelivered] {
-        assert!(trace.iter().any(|event| event.outcome == outcome), "seed {seed}: no {outcome:?} in the trace");
+    assert!(
+        trace.len() > 300,
+        "seed {seed}: a busy trace ({} events)",
+        trace.len()
+    );
+    for outcome in [
+        SimOutcome::RequestDropped,
+        SimOutcome::ReplyDropped,
+        SimOutcome::CallUnreachable,
+        SimOutcome::MessageDelivered,
+    ] {
+        assert!(
+            trace.iter().any(|event| event.outcome == outcome),
+            "seed {seed}: no {outcome:?} in the trace"
+        );
     }
-    assert!(trace == trace_again, "seed {seed}: traces differ; replay with `run_scenario({seed})`");
-    assert!(seen == seen_again, "seed {seed}: results differ; replay with `run_scenario({seed})`");
+    assert!(
+        trace == trace_again,
+        "seed {seed}: traces differ; replay with `run_scenario({seed})`"
+    );
+    assert!(
+        seen == seen_again,
+        "seed {seed}: results differ; replay with `run_scenario({seed})`"
+    );
     let (other_trace, _) = run_scenario(seed + 1);
-    assert!(trace != other_trace, "seeds {seed} and {} give the same trace", seed + 1);
+    assert!(
+        trace != other_trace,
+        "seeds {seed} and {} give the same trace",
+        seed + 1
+    );
 }

@@ -52,13 +52,24 @@ impl Message for Seq {
 pub fn serve_echo(endpoint: &Endpoint) {
     let server = endpoint.id();
     endpoint
-        .register(move |from, Echo { seq, body }: Echo| async move { EchoReply { seq, body, from, server } })
+        .register(move |from, Echo { seq, body }: Echo| async move {
+            EchoReply {
+                seq,
+                body,
+                from,
+                server,
+            }
+        })
         .expect("echo registers once");
 }
 
 /// Registers a [`Hang`] handler: it reports on `started` when it runs and
 /// returns when `release` is notified.
-pub fn serve_hang(endpoint: &Endpoint, started: tokio::sync::mpsc::UnboundedSender<()>, release: Arc<Notify>) {
+pub fn serve_hang(
+    endpoint: &Endpoint,
+    started: tokio::sync::mpsc::UnboundedSender<()>,
+    release: Arc<Notify>,
+) {
     endpoint
         .register(move |_from, _: Hang| {
             let (started, release) = (started.clone(), release.clone());
@@ -87,10 +98,16 @@ impl Cluster {
     /// A reliable simulated network.
     pub fn sim(servers: usize, seed: u64) -> Cluster {
         let network = SimNetwork::new(SimConfig::new(seed));
-        let servers: Vec<Endpoint> =
-            (1..=servers as NodeId).map(|id| network.add_node(id).expect("fresh id")).collect();
+        let servers: Vec<Endpoint> = (1..=servers as NodeId)
+            .map(|id| network.add_node(id).expect("fresh id"))
+            .collect();
         let client = network.add_client();
-        Cluster { servers, client, sim: Some(network), tcp: Vec::new() }
+        Cluster {
+            servers,
+            client,
+            sim: Some(network),
+            tcp: Vec::new(),
+        }
     }
 
     /// TCP members on 127.0.0.1 port 0 plus a client without listen address.
@@ -102,10 +119,16 @@ impl Cluster {
     pub async fn tcp_with(servers: usize, adjust: impl Fn(TcpConfig) -> TcpConfig) -> Cluster {
         let mut transports = Vec::new();
         for id in 1..=servers as NodeId {
-            let config = adjust(TcpConfig::member(CLUSTER_ID, id, "127.0.0.1:0".parse().expect("address")));
+            let config = adjust(TcpConfig::member(
+                CLUSTER_ID,
+                id,
+                "127.0.0.1:0".parse().expect("address"),
+            ));
             transports.push(TcpTransport::start(config).await.expect("member starts"));
         }
-        let client = TcpTransport::start(adjust(TcpConfig::client(CLUSTER_ID, TCP_CLIENT_ID))).await.expect("client starts");
+        let client = TcpTransport::start(adjust(TcpConfig::client(CLUSTER_ID, TCP_CLIENT_ID)))
+            .await
+            .expect("client starts");
         for (index, transport) in transports.iter().enumerate() {
             let address = transport.local_address().expect("members listen");
             let id = index as NodeId + 1;
@@ -117,7 +140,12 @@ impl Cluster {
         let servers = transports.iter().map(TcpTransport::endpoint).collect();
         let client_endpoint = client.endpoint();
         transports.push(client);
-        Cluster { servers, client: client_endpoint, sim: None, tcp: transports }
+        Cluster {
+            servers,
+            client: client_endpoint,
+            sim: None,
+            tcp: transports,
+        }
     }
 
     /// Crashes server `id`: a simulated crash, or a TCP shutdown.
