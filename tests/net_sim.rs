@@ -12,7 +12,7 @@ use futures::future::join_all;
 use net_support::{Echo, EchoReply, Hang, Seq, serve_echo, serve_hang};
 use raftkv::NodeId;
 use raftkv::net::sim::{CLIENT_ID_BASE, SimConfig, SimEvent, SimNetwork, SimOutcome};
-use raftkv::net::{Endpoint, NetError};
+use raftkv::net::{Endpoint, Kind, Message, MessageRole, NetError};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::Notify;
@@ -281,6 +281,43 @@ async fn counters_count_rpcs_and_bytes_like_the_reference() {
         2 * request_bytes + reply_bytes + message_bytes
     );
     assert_eq!(network.rpc_count(client.id()), 0);
+
+    // A one-way response is counted like a reply: bytes when delivered, no RPC.
+    network.heal();
+    let _answers = client.inbox::<Answer>(4).expect("inbox");
+    server
+        .send(client.id(), &Answer(vec![1; 100]))
+        .expect("sent");
+    let answer_bytes = postcard::to_allocvec(&Answer(vec![1; 100]))
+        .expect("encode")
+        .len() as u64;
+    assert_eq!(
+        (network.rpc_count(client.id()), network.total_rpcs()),
+        (0, 3)
+    );
+    let total_bytes = 2 * request_bytes + reply_bytes + message_bytes + answer_bytes;
+    assert_eq!(network.total_bytes(), total_bytes);
+    network.set_link(1, client.id(), false);
+    server
+        .send(client.id(), &Answer(vec![1; 100]))
+        .expect("sent");
+    assert_eq!(
+        network.total_bytes(),
+        total_bytes,
+        "a lost response adds no bytes"
+    );
+}
+
+/// A one-way message answering an earlier one.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Answer(Vec<u8>);
+
+impl Message for Answer {
+    const KIND: Kind = Kind::new(0xf020, 1);
+
+    fn role(&self) -> MessageRole {
+        MessageRole::Response
+    }
 }
 
 // Proves partitions, per-direction links, disconnect/connect and a client's own link, as the reference's ends allow.
@@ -377,13 +414,9 @@ async fn inbox_skips_undecodable_messages() {
     let receiver = network.add_node(1).expect("node");
     let mut inbox = receiver.inbox::<Seq>(8).expect("inbox");
     let sender = network.add_node(2).expect("node");
-    sender
-        .transport()
-        .send(
-            1,
-            <Seq as raftkv::net::Message>::KIND,
-            bytes::Bytes::from_static(&[0xff; 11]),
-        )
+    let garbage = bytes::Bytes::from_static(&[0xff; 11]);
+    let raw = sender.transport();
+    raw.send(1, <Seq as Message>::KIND, garbage, MessageRole::Request)
         .expect("sent");
     sender.send(1, &Seq(4)).expect("sent");
     assert_eq!(inbox.recv().await, Some((2, Seq(4))));

@@ -15,7 +15,7 @@ use raftkv::NodeId;
 use raftkv::net::tcp::{TcpConfig, TcpTransport};
 use raftkv::net::wire::{self, Frame, FrameType, Hello, HelloReply, RefuseReason, Role};
 use raftkv::net::{
-    Endpoint, Kind, Message, NetError, PROTOCOL_VERSION, RemoteFault, Rpc, Transport,
+    Endpoint, Kind, Message, MessageRole, NetError, PROTOCOL_VERSION, RemoteFault, Rpc, Transport,
 };
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -512,7 +512,7 @@ async fn shutdown_closes_listener_and_connections() {
         Err(NetError::Shutdown)
     ));
     assert!(matches!(
-        server.send(2, Seq::KIND, Bytes::new()),
+        server.send(2, Seq::KIND, Bytes::new(), MessageRole::Request),
         Err(NetError::Shutdown)
     ));
     assert!(matches!(

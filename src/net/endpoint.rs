@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::NodeId;
-use crate::net::transport::{RawHandler, RawInbox, Transport};
+use crate::net::transport::{MessageRole, RawHandler, RawInbox, Transport};
 use crate::net::{Kind, NetError, RemoteFault};
 
 /// A request type: sent with [`Endpoint::call`], answered with a
@@ -28,6 +28,12 @@ pub trait Rpc: Serialize + DeserializeOwned + Send + 'static {
 pub trait Message: Serialize + DeserializeOwned + Send + 'static {
     /// The kind carried by frames of this message type.
     const KIND: Kind;
+
+    /// Whether this message answers an earlier one (see [`MessageRole`]);
+    /// by default every message is a [`MessageRole::Request`].
+    fn role(&self) -> MessageRole {
+        MessageRole::Request
+    }
 }
 
 /// Default inbox capacity, in messages, for callers without a better bound.
@@ -119,7 +125,7 @@ impl Endpoint {
     /// transmission, not delivered; messages to one peer arrive in order.
     pub fn send<M: Message>(&self, to: NodeId, message: &M) -> Result<(), NetError> {
         let payload = encode(M::KIND, message)?;
-        self.transport.send(to, M::KIND, payload)
+        self.transport.send(to, M::KIND, payload, message.role())
     }
 
     /// Registers the handler answering requests of type `R`:

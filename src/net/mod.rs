@@ -49,4 +49,4 @@ pub mod wire;
 pub use endpoint::{Endpoint, INBOX_CAPACITY_MESSAGES_DEFAULT, Inbox, Message, Rpc};
 pub use error::{NetError, RemoteFault};
 pub use kind::{Kind, PROTOCOL_VERSION};
-pub use transport::{CallFuture, HandlerFuture, RawHandler, RawInbox, Transport};
+pub use transport::{CallFuture, HandlerFuture, MessageRole, RawHandler, RawInbox, Transport};

@@ -44,8 +44,15 @@ pub trait Transport: Send + Sync + 'static {
     fn call(&self, to: NodeId, kind: Kind, payload: Bytes, timeout: Option<Duration>)
     -> CallFuture;
 
-    /// Sends a one-way message of `kind` to `to`.
-    fn send(&self, to: NodeId, kind: Kind, payload: Bytes) -> Result<(), NetError>;
+    /// Sends a one-way message of `kind` to `to`. `role` only matters to the
+    /// simulated network's counters (see [`MessageRole`]).
+    fn send(
+        &self,
+        to: NodeId,
+        kind: Kind,
+        payload: Bytes,
+        role: MessageRole,
+    ) -> Result<(), NetError>;
 
     /// Registers the handler for requests of `kind`.
     fn register(&self, kind: Kind, handler: RawHandler) -> Result<(), NetError>;
@@ -57,6 +64,21 @@ pub trait Transport: Send + Sync + 'static {
     /// Stops the transport: closes listeners and connections, fails pending
     /// calls, stops handlers. Resolves once everything has stopped.
     fn shutdown(&self) -> BoxFuture<'static, ()>;
+}
+
+/// Whether a one-way message starts an exchange or answers one.
+///
+/// The reference network counts a call as one RPC and counts its reply's
+/// bytes only when delivered. A protocol built on one-way messages (Raft's
+/// `AppendEntries` and its response) marks answers as `Response` so the
+/// simulated network counts them the same way: bytes when delivered, not as
+/// an RPC, not in the receiver's RPC count. Faults apply to both alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MessageRole {
+    /// Starts an exchange (or stands alone): counted as one RPC.
+    Request,
+    /// Answers an earlier message: counted like a reply.
+    Response,
 }
 
 /// The receiving side of one-way messages of one kind: `(sender, payload)`.

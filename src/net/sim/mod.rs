@@ -22,7 +22,8 @@
 //!   incarnation with a new endpoint;
 //! - counters: RPCs received per node, total RPCs and bytes (request
 //!   payloads plus delivered reply payloads); a one-way message counts as one
-//!   RPC.
+//!   RPC, unless it is a [`crate::net::MessageRole::Response`], which is
+//!   counted like a reply (its bytes, once delivered).
 //!
 //! One-way messages go through the same link state, unreliable delay and
 //! drops and counters as requests, but stay in order per (sender, receiver):

@@ -16,6 +16,7 @@ use crate::net::Kind;
 use crate::net::dispatch::Dispatch;
 use crate::net::endpoint::Endpoint;
 use crate::net::sim::node::SimNode;
+use crate::net::transport::MessageRole;
 
 /// Ids handed out by [`SimNetwork::add_client`] start here, far above any
 /// server id a test would pick.
@@ -97,6 +98,7 @@ pub(super) struct QueuedMessage {
     pub(super) target: Arc<Incarnation>,
     pub(super) kind: Kind,
     pub(super) payload: Bytes,
+    pub(super) role: MessageRole,
 }
 
 /// The FIFO of one directed link. It exists only while messages wait on it;
@@ -145,9 +147,13 @@ pub(super) struct State {
 }
 
 impl State {
-    /// Counts a one-way message reaching node `to`.
-    pub(super) fn count_message(&mut self, to: NodeId) {
-        *self.received.entry(to).or_default() += 1;
+    /// Counts a one-way message reaching node `to`: a request in the
+    /// receiver's RPC count, a response in the bytes (like a delivered reply).
+    pub(super) fn count_message(&mut self, to: NodeId, role: MessageRole, payload_bytes: usize) {
+        match role {
+            MessageRole::Request => *self.received.entry(to).or_default() += 1,
+            MessageRole::Response => self.total_bytes += payload_bytes as u64,
+        }
     }
 }
 
@@ -243,19 +249,24 @@ impl Shared {
         CallPlan::Deliver(delivery)
     }
 
-    /// Counts a one-way message, draws its fate and queues it on its link.
+    /// Counts a one-way message (a request as one RPC with its bytes; a
+    /// response's bytes only once delivered), draws its fate and queues it on
+    /// its link.
     pub(super) fn plan_send(
         &self,
         from: NodeId,
         to: NodeId,
         kind: Kind,
         payload: Bytes,
+        role: MessageRole,
     ) -> SendAction {
         let now = Instant::now();
         let mut guard = self.lock();
         let state = &mut *guard;
-        state.total_rpcs += 1;
-        state.total_bytes += payload.len() as u64;
+        if role == MessageRole::Request {
+            state.total_rpcs += 1;
+            state.total_bytes += payload.len() as u64;
+        }
         let target = if state.disabled.contains(&(from, to)) {
             None
         } else {
@@ -288,7 +299,7 @@ impl Shared {
         link.last_deliver_at = deliver_at;
         if deliver_at <= now && link.queue.is_empty() && !link.pumping {
             state.links.remove(&key);
-            state.count_message(to);
+            state.count_message(to, role, payload.len());
             self.record(state, from, to, kind, SimOutcome::MessageDelivered);
             return SendAction::DeliverNow(target);
         }
@@ -297,6 +308,7 @@ impl Shared {
             target,
             kind,
             payload,
+            role,
         });
         if link.pumping {
             SendAction::Done

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use crate::NodeId;
 use crate::net::sim::network::{CallPlan, Delivery, Incarnation, SendAction, Shared, SimOutcome};
-use crate::net::transport::{CallFuture, RawHandler, RawInbox, Transport};
+use crate::net::transport::{CallFuture, MessageRole, RawHandler, RawInbox, Transport};
 use crate::net::{Kind, NetError};
 
 /// How often the reference checks whether the callee of a running handler
@@ -172,7 +172,7 @@ async fn pump(shared: Arc<Shared>, from: NodeId, to: NodeId) {
                 SimOutcome::MessageDelivered
             };
             if outcome == SimOutcome::MessageDelivered {
-                state.count_message(to);
+                state.count_message(to, message.role, message.payload.len());
             }
             shared.record(state, from, to, message.kind, outcome);
             (outcome == SimOutcome::MessageDelivered).then_some(message)
@@ -230,12 +230,18 @@ impl Transport for SimNode {
         })
     }
 
-    fn send(&self, to: NodeId, kind: Kind, payload: Bytes) -> Result<(), NetError> {
+    fn send(
+        &self,
+        to: NodeId,
+        kind: Kind,
+        payload: Bytes,
+        role: MessageRole,
+    ) -> Result<(), NetError> {
         if self.me.dead.is_cancelled() {
             return Err(NetError::Shutdown);
         }
         let from = self.me.id;
-        match self.shared.plan_send(from, to, kind, payload.clone()) {
+        match self.shared.plan_send(from, to, kind, payload.clone(), role) {
             SendAction::Done => {}
             SendAction::DeliverNow(target) => {
                 let _ = target.dispatch.deliver(from, kind, payload);

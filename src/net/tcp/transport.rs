@@ -20,7 +20,7 @@ use crate::net::endpoint::Endpoint;
 use crate::net::tcp::TcpConfig;
 use crate::net::tcp::inbound::accept_loop;
 use crate::net::tcp::outbound::{LinkState, PeerLink, ReplyReceiver};
-use crate::net::transport::{CallFuture, RawHandler, RawInbox, Transport};
+use crate::net::transport::{CallFuture, MessageRole, RawHandler, RawInbox, Transport};
 use crate::net::wire::{Frame, FrameType};
 use crate::net::{Kind, NetError};
 
@@ -309,7 +309,13 @@ impl Transport for TcpTransport {
         })
     }
 
-    fn send(&self, to: NodeId, kind: Kind, payload: Bytes) -> Result<(), NetError> {
+    fn send(
+        &self,
+        to: NodeId,
+        kind: Kind,
+        payload: Bytes,
+        _role: MessageRole,
+    ) -> Result<(), NetError> {
         let inner = &self.inner;
         if inner.shutdown.is_cancelled() {
             return Err(NetError::Shutdown);
