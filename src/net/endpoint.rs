@@ -165,6 +165,8 @@ impl Endpoint {
 
     /// Opens the inbox of one-way messages of type `M`. When it holds
     /// `capacity_messages` unread messages, new ones are dropped (and logged).
+    /// The kind stays taken for the life of the transport, even after the
+    /// `Inbox` is dropped (its messages are then dropped).
     pub fn inbox<M: Message>(&self, capacity_messages: usize) -> Result<Inbox<M>, NetError> {
         let raw = self.transport.open_inbox(M::KIND, capacity_messages)?;
         Ok(Inbox {

@@ -150,8 +150,8 @@ async fn serve_inbound(
         () = inner.shutdown.cancelled() => return,
         hello = tokio::time::timeout(config.handshake_timeout, handshake(&inner, &mut reader, &mut writer, address)) => hello,
     };
-    let peer: NodeId = match hello {
-        Ok(Some(hello)) => hello.node_id,
+    let (peer, role): (NodeId, _) = match hello {
+        Ok(Some(hello)) => (hello.node_id, hello.role),
         Ok(None) => {
             Counters::bump(&inner.counters.handshakes_refused);
             return;
@@ -165,7 +165,7 @@ async fn serve_inbound(
     reader
         .decoder_mut()
         .set_max_frame_length(config.frame_bytes_max);
-    tracing::debug!(node, peer, %address, "accepted a connection");
+    tracing::debug!(node, peer, ?role, %address, "accepted a connection");
 
     // Cancelling it stops this connection's handlers when it ends.
     let connection = inner.shutdown.child_token();
