@@ -1,0 +1,101 @@
+//! Configuration of a TCP transport.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::NodeId;
+use crate::net::NetError;
+
+/// Configuration of one node's TCP transport. Every bound is a named field.
+#[derive(Clone, Debug)]
+pub struct TcpConfig {
+    /// Peers with another cluster id are refused at the handshake.
+    pub cluster_id: u64,
+    /// This node's id, sent in the handshake (handlers see it as the caller).
+    pub node_id: NodeId,
+    /// Address to listen on (`127.0.0.1:0` in tests). `None` makes a client
+    /// that only calls out, such as a command-line Clerk.
+    pub listen_address: Option<SocketAddr>,
+    /// Where each peer listens. More can be added with
+    /// [`crate::net::tcp::TcpTransport::set_peer_address`].
+    pub peers: BTreeMap<NodeId, SocketAddr>,
+    /// Largest frame sent or accepted after the handshake, in bytes. A larger
+    /// incoming frame closes its connection; a larger outgoing message fails
+    /// with [`NetError::TooLarge`].
+    pub frame_bytes_max: usize,
+    /// Frames waiting to be written to one peer (and replies waiting on one
+    /// inbound connection). When full, one-way messages are dropped and calls
+    /// fail at once with [`NetError::QueueFull`].
+    pub outbound_queue_frames_max: usize,
+    /// Requests of one inbound connection being handled at once; beyond it
+    /// the connection is not read until one finishes (back-pressure).
+    pub inbound_calls_per_connection_max: usize,
+    /// Inbound connections open at once; more are closed on accept.
+    pub inbound_connections_max: usize,
+    /// Time allowed to open a TCP connection.
+    pub connect_timeout: Duration,
+    /// Time allowed for the handshake, either side (defeats slow-loris peers).
+    pub handshake_timeout: Duration,
+    /// Default call timeout, when the caller gives none.
+    pub call_timeout: Duration,
+    /// First wait before reconnecting to a peer after a failed attempt.
+    pub reconnect_backoff_min: Duration,
+    /// Longest wait between reconnect attempts (the backoff doubles up to it).
+    pub reconnect_backoff_max: Duration,
+}
+
+impl TcpConfig {
+    /// A cluster member listening on `listen_address`, with default bounds.
+    pub fn member(cluster_id: u64, node_id: NodeId, listen_address: SocketAddr) -> Self {
+        TcpConfig {
+            listen_address: Some(listen_address),
+            ..TcpConfig::client(cluster_id, node_id)
+        }
+    }
+
+    /// A client that only calls out, with default bounds.
+    pub fn client(cluster_id: u64, node_id: NodeId) -> Self {
+        TcpConfig {
+            cluster_id,
+            node_id,
+            listen_address: None,
+            peers: BTreeMap::new(),
+            frame_bytes_max: 16 * 1024 * 1024,
+            outbound_queue_frames_max: 1024,
+            inbound_calls_per_connection_max: 256,
+            inbound_connections_max: 1024,
+            connect_timeout: Duration::from_secs(2),
+            handshake_timeout: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(5),
+            reconnect_backoff_min: Duration::from_millis(50),
+            reconnect_backoff_max: Duration::from_secs(2),
+        }
+    }
+
+    /// Checks the bounds are usable.
+    pub fn validate(&self) -> Result<(), NetError> {
+        let fail = |message: &str| Err(NetError::Config(message.into()));
+        if self.frame_bytes_max < crate::net::wire::HANDSHAKE_FRAME_BYTES_MAX {
+            return fail("frame_bytes_max is smaller than a handshake");
+        }
+        if self.frame_bytes_max > u32::MAX as usize {
+            return fail("frame_bytes_max does not fit the u32 length prefix");
+        }
+        if self.outbound_queue_frames_max == 0 {
+            return fail("outbound_queue_frames_max must be at least 1");
+        }
+        if self.inbound_calls_per_connection_max == 0 {
+            return fail("inbound_calls_per_connection_max must be at least 1");
+        }
+        if self.inbound_connections_max == 0 {
+            return fail("inbound_connections_max must be at least 1");
+        }
+        if self.reconnect_backoff_min.is_zero()
+            || self.reconnect_backoff_min > self.reconnect_backoff_max
+        {
+            return fail("need 0 < reconnect_backoff_min <= reconnect_backoff_max");
+        }
+        Ok(())
+    }
+}

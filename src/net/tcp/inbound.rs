@@ -1,0 +1,248 @@
+//! Accepting connections: the handshake and serving requests and one-way
+//! messages from one peer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+use crate::NodeId;
+use crate::net::tcp::transport::{Counters, Inner};
+use crate::net::wire::{
+    self, Frame, FrameType, HANDSHAKE_FRAME_BYTES_MAX, Hello, HelloReply, RefuseReason, WireError,
+};
+use crate::net::{Kind, PROTOCOL_VERSION, RemoteFault};
+
+/// Accepts connections until shutdown; dropping the listener on exit closes
+/// the port.
+pub(super) async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
+    let connections = Arc::new(Semaphore::new(inner.config.inbound_connections_max));
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = inner.shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Err(error) => {
+                // Typically out of file descriptors: wait instead of spinning.
+                tracing::warn!(node = inner.config.node_id, %error, "accept failed");
+                tokio::select! {
+                    biased;
+                    () = inner.shutdown.cancelled() => break,
+                    () = tokio::time::sleep(inner.config.reconnect_backoff_min) => {}
+                }
+            }
+            Ok((stream, address)) => match connections.clone().try_acquire_owned() {
+                Ok(permit) => inner.spawn(serve_inbound(inner.clone(), stream, address, permit)),
+                Err(_) => {
+                    tracing::warn!(node = inner.config.node_id, %address, "too many inbound connections; closing");
+                    Counters::bump(&inner.counters.handshakes_refused);
+                }
+            },
+        }
+    }
+}
+
+type Reader = FramedRead<OwnedReadHalf, LengthDelimitedCodec>;
+type Writer = FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>;
+
+/// Reads and checks the peer's hello and answers it. `None` when refused
+/// (already logged).
+async fn handshake(
+    inner: &Inner,
+    reader: &mut Reader,
+    writer: &mut Writer,
+    address: SocketAddr,
+) -> Option<Hello> {
+    let node = inner.config.node_id;
+    let bytes = match reader.next().await {
+        None => {
+            tracing::debug!(node, %address, "closed before the handshake");
+            return None;
+        }
+        Some(Err(error)) => {
+            tracing::warn!(node, %address, %error, "bad handshake frame; closing");
+            return None;
+        }
+        Some(Ok(bytes)) => bytes,
+    };
+    let refuse = match Hello::decode(&bytes) {
+        Ok(hello) if hello.cluster_id == inner.config.cluster_id => {
+            let reply = HelloReply::new(inner.config.cluster_id, node, None);
+            if let Err(error) = writer.send(reply.encode()).await {
+                tracing::debug!(node, %address, %error, "peer left during the handshake");
+                return None;
+            }
+            return Some(hello);
+        }
+        Ok(hello) => {
+            tracing::warn!(
+                node, %address, peer = hello.node_id, cluster = hello.cluster_id,
+                "refusing a peer of another cluster"
+            );
+            RefuseReason::WrongCluster {
+                expected: inner.config.cluster_id,
+            }
+        }
+        Err(WireError::ProtocolVersion { got }) => {
+            tracing::warn!(node, %address, version = got, "refusing a peer of another protocol version");
+            RefuseReason::WrongProtocolVersion {
+                supported: PROTOCOL_VERSION,
+            }
+        }
+        Err(error) => {
+            tracing::warn!(node, %address, %error, "bad hello; closing");
+            return None;
+        }
+    };
+    // Best effort: tell the peer why, so its operator sees it in its log.
+    let _ = writer
+        .send(HelloReply::new(inner.config.cluster_id, node, Some(refuse)).encode())
+        .await;
+    None
+}
+
+/// Encodes the reply (or refusal) to call `call_id`.
+fn reply_frame(
+    inner: &Inner,
+    kind: Kind,
+    call_id: u64,
+    result: Result<Bytes, RemoteFault>,
+) -> Bytes {
+    let refused =
+        |fault| Frame::new(kind, FrameType::Refused(fault), call_id, Bytes::new()).encode();
+    match result {
+        Ok(payload) => {
+            match inner.encode_frame(&Frame::new(kind, FrameType::Reply, call_id, payload)) {
+                Ok(frame) => frame,
+                Err(error) => {
+                    tracing::error!(node = inner.config.node_id, %kind, %error, "reply too large");
+                    refused(RemoteFault::BadReply)
+                }
+            }
+        }
+        Err(fault) => refused(fault),
+    }
+}
+
+/// Serves one inbound connection until it closes, fails or the transport
+/// shuts down.
+async fn serve_inbound(
+    inner: Arc<Inner>,
+    stream: TcpStream,
+    address: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+    let config = &inner.config;
+    let node = config.node_id;
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    let mut reader = FramedRead::new(read, wire::codec(HANDSHAKE_FRAME_BYTES_MAX));
+    let mut writer = FramedWrite::new(write, wire::codec(config.frame_bytes_max));
+    let hello = tokio::select! {
+        biased;
+        () = inner.shutdown.cancelled() => return,
+        hello = tokio::time::timeout(config.handshake_timeout, handshake(&inner, &mut reader, &mut writer, address)) => hello,
+    };
+    let (peer, role): (NodeId, _) = match hello {
+        Ok(Some(hello)) => (hello.node_id, hello.role),
+        Ok(None) => {
+            Counters::bump(&inner.counters.handshakes_refused);
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(node, %address, "handshake timed out; closing");
+            Counters::bump(&inner.counters.handshakes_refused);
+            return;
+        }
+    };
+    reader
+        .decoder_mut()
+        .set_max_frame_length(config.frame_bytes_max);
+    tracing::debug!(node, peer, ?role, %address, "accepted a connection");
+
+    // Cancelling it stops this connection's handlers when it ends.
+    let connection = inner.shutdown.child_token();
+    let (replies, mut reply_queue) = mpsc::channel::<Bytes>(config.outbound_queue_frames_max);
+    let calls = Arc::new(Semaphore::new(config.inbound_calls_per_connection_max));
+    let read = async {
+        loop {
+            let bytes = match reader.next().await {
+                None => return Ok(()),
+                Some(Err(error)) => return Err(format!("read: {error}")),
+                Some(Ok(bytes)) => bytes,
+            };
+            let frame =
+                Frame::decode(bytes.freeze()).map_err(|error| format!("bad frame: {error}"))?;
+            let header = frame.header;
+            match header.frame_type {
+                FrameType::Request => {
+                    // Back-pressure: stop reading while too many calls run.
+                    let Ok(permit) = calls.clone().acquire_owned().await else {
+                        return Ok(());
+                    };
+                    let handled = inner.dispatch.handle(peer, header.kind, frame.payload);
+                    let (inner, replies, connection) =
+                        (inner.clone(), replies.clone(), connection.clone());
+                    inner.clone().spawn(async move {
+                        let result = match handled {
+                            Err(fault) => Err(fault),
+                            Ok(handler) => tokio::select! {
+                                biased;
+                                () = connection.cancelled() => return,
+                                result = handler => result,
+                            },
+                        };
+                        let frame = reply_frame(&inner, header.kind, header.call_id, result);
+                        let _ = replies.send(frame).await;
+                        drop(permit);
+                    });
+                }
+                FrameType::OneWay => {
+                    let _ = inner.dispatch.deliver(peer, header.kind, frame.payload);
+                }
+                FrameType::Reply | FrameType::Refused(_) => {
+                    return Err("protocol violation: reply on an inbound connection".into());
+                }
+            }
+        }
+    };
+    let write = async {
+        while let Some(first) = reply_queue.recv().await {
+            if let Err(error) = writer.feed(first).await {
+                return format!("write: {error}");
+            }
+            for _ in 1..config.outbound_queue_frames_max {
+                let Ok(next) = reply_queue.try_recv() else {
+                    break;
+                };
+                if let Err(error) = writer.feed(next).await {
+                    return format!("write: {error}");
+                }
+            }
+            if let Err(error) = SinkExt::<Bytes>::flush(&mut writer).await {
+                return format!("write: {error}");
+            }
+        }
+        "reply queue closed".to_string()
+    };
+    tokio::select! {
+        biased;
+        () = inner.shutdown.cancelled() => {}
+        result = read => match result {
+            Ok(()) => tracing::debug!(node, peer, %address, "peer closed the connection"),
+            Err(error) => {
+                tracing::warn!(node, peer, %address, %error, "closing the connection");
+                Counters::bump(&inner.counters.connections_closed_bad_input);
+            }
+        },
+        error = write => tracing::debug!(node, peer, %address, %error, "connection ended"),
+    }
+    connection.cancel();
+}

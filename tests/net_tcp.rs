@@ -1,0 +1,588 @@
+//! The TCP transport against bad and hostile peers (garbage, oversized,
+//! truncated and malformed frames, wrong cluster or protocol version,
+//! slow-loris), and its bounds: queue full, frame size, reconnect, shutdown.
+//! After each bad peer the node must still answer a good client.
+
+mod net_support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use net_support::{CLUSTER_ID, Cluster, Echo, Seq, serve_echo};
+use raftkv::NodeId;
+use raftkv::net::tcp::{TcpConfig, TcpTransport};
+use raftkv::net::wire::{self, Frame, FrameType, Hello, HelloReply, RefuseReason, Role};
+use raftkv::net::{
+    Endpoint, Kind, Message, MessageRole, NetError, PROTOCOL_VERSION, RemoteFault, Rpc, Transport,
+};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::Framed;
+
+/// Generous bound on waiting for the server to react, so a broken server
+/// fails the test instead of hanging it.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+async fn server_with(
+    adjust: impl Fn(TcpConfig) -> TcpConfig,
+) -> (TcpTransport, Endpoint, SocketAddr) {
+    let config = adjust(TcpConfig::member(
+        CLUSTER_ID,
+        1,
+        "127.0.0.1:0".parse().expect("address"),
+    ));
+    let transport = TcpTransport::start(config).await.expect("server starts");
+    let endpoint = transport.endpoint();
+    serve_echo(&endpoint);
+    let address = transport.local_address().expect("listens");
+    (transport, endpoint, address)
+}
+
+async fn good_client(address: SocketAddr) -> Endpoint {
+    let mut config = TcpConfig::client(CLUSTER_ID, 500);
+    config.peers.insert(1, address);
+    TcpTransport::start(config)
+        .await
+        .expect("client starts")
+        .endpoint()
+}
+
+/// Asserts the node at `address` still answers a well-behaved client.
+async fn assert_still_serves(address: SocketAddr) {
+    let client = good_client(address).await;
+    let reply = client
+        .call(
+            1,
+            &Echo {
+                seq: 42,
+                body: vec![1; 128],
+            },
+        )
+        .await
+        .expect("the node still answers");
+    assert_eq!(reply.seq, 42);
+}
+
+/// Reads until the server closes the connection; returns what it sent.
+async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
+    let mut received = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, async {
+        let mut buffer = [0u8; 1024];
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received.extend_from_slice(&buffer[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server did not close the connection");
+    received
+}
+
+fn length_prefixed(body: &[u8]) -> Vec<u8> {
+    let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// Connects and completes a valid handshake as node `node_id`.
+async fn handshaken(address: SocketAddr, node_id: NodeId) -> TcpStream {
+    let mut stream = TcpStream::connect(address).await.expect("connect");
+    stream
+        .write_all(&length_prefixed(
+            &Hello::new(CLUSTER_ID, node_id, Role::Client).encode(),
+        ))
+        .await
+        .expect("hello");
+    let mut framed = Framed::new(stream, wire::codec(wire::HANDSHAKE_FRAME_BYTES_MAX));
+    let reply = framed.next().await.expect("a reply").expect("a frame");
+    let reply = HelloReply::decode(&reply).expect("a hello reply");
+    assert_eq!((reply.refused, reply.node_id), (None, 1));
+    let parts = framed.into_parts();
+    assert!(parts.read_buf.is_empty(), "nothing after the hello reply");
+    parts.io
+}
+
+/// Sends `hello` and returns the decoded refusal, after the server closed.
+async fn refused_hello(address: SocketAddr, hello: &[u8]) -> HelloReply {
+    let mut stream = TcpStream::connect(address).await.expect("connect");
+    stream
+        .write_all(&length_prefixed(hello))
+        .await
+        .expect("hello");
+    let received = read_until_closed(&mut stream).await;
+    assert!(received.len() > 4, "a refusal arrives before the close");
+    HelloReply::decode(&received[4..]).expect("a hello reply")
+}
+
+// Proves random garbage and a non-raftkv handshake are dropped at the handshake while the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_is_refused_at_the_handshake() {
+    let (server, _endpoint, address) = server_with(|config| config).await;
+    let seed = 31;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut garbage = vec![0u8; 4096];
+    rng.fill_bytes(&mut garbage);
+    let mut stream = TcpStream::connect(address).await.expect("connect");
+    let _ = stream.write_all(&garbage).await;
+    assert!(
+        read_until_closed(&mut stream).await.is_empty(),
+        "seed {seed}: no answer to garbage"
+    );
+    // A well-framed handshake with a wrong magic gets no answer either.
+    let mut stream = TcpStream::connect(address).await.expect("connect");
+    stream
+        .write_all(&length_prefixed(b"GET / HTTP/1.1\r\n\r\n"))
+        .await
+        .expect("write");
+    assert!(read_until_closed(&mut stream).await.is_empty());
+    assert_eq!(server.stats().handshakes_refused, 2);
+    assert_still_serves(address).await;
+}
+
+// Proves oversized length prefixes close the connection, before and after the handshake, without reserving the claimed size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_length_prefix_closes_the_connection() {
+    let (server, _endpoint, address) = server_with(|config| config).await;
+    let mut stream = TcpStream::connect(address).await.expect("connect");
+    stream
+        .write_all(&(wire::HANDSHAKE_FRAME_BYTES_MAX as u32 + 1).to_be_bytes())
+        .await
+        .expect("write");
+    read_until_closed(&mut stream).await;
+    assert_eq!(server.stats().handshakes_refused, 1);
+
+    let mut stream = handshaken(address, 600).await;
+    stream
+        .write_all(&u32::MAX.to_be_bytes())
+        .await
+        .expect("write");
+    read_until_closed(&mut stream).await;
+    assert_eq!(server.stats().connections_closed_bad_input, 1);
+    assert_still_serves(address).await;
+}
+
+// Proves a frame cut short by the peer closing, and a frame that does not decode, close only that connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_and_malformed_frames_close_the_connection() {
+    let (server, _endpoint, address) = server_with(|config| config).await;
+    let mut stream = handshaken(address, 600).await;
+    let mut truncated = 100u32.to_be_bytes().to_vec();
+    truncated.extend_from_slice(&[0u8; 10]);
+    stream.write_all(&truncated).await.expect("write");
+    stream.shutdown().await.expect("half close");
+    read_until_closed(&mut stream).await;
+
+    let mut stream = handshaken(address, 601).await;
+    stream
+        .write_all(&length_prefixed(&[0xff, 0xff, 0xff]))
+        .await
+        .expect("write");
+    read_until_closed(&mut stream).await;
+
+    // A reply frame sent to a server is a protocol violation.
+    let mut stream = handshaken(address, 602).await;
+    let reply = Frame::new(Echo::KIND, FrameType::Reply, 1, Bytes::new()).encode();
+    stream
+        .write_all(&length_prefixed(&reply))
+        .await
+        .expect("write");
+    read_until_closed(&mut stream).await;
+
+    assert_eq!(server.stats().connections_closed_bad_input, 3);
+    assert_still_serves(address).await;
+}
+
+// Proves a peer of another cluster is refused with the reason, both raw and through a transport.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_cluster_id_is_refused() {
+    let (server, _endpoint, address) = server_with(|config| config).await;
+    let reply = refused_hello(
+        address,
+        &Hello::new(CLUSTER_ID + 1, 700, Role::Member).encode(),
+    )
+    .await;
+    assert_eq!(
+        reply.refused,
+        Some(RefuseReason::WrongCluster {
+            expected: CLUSTER_ID
+        })
+    );
+
+    let mut config = TcpConfig::client(CLUSTER_ID + 1, 701);
+    config.peers.insert(1, address);
+    // No second attempt during the test, so the refusal count is exact.
+    config.reconnect_backoff_min = Duration::from_secs(60);
+    config.reconnect_backoff_max = Duration::from_secs(60);
+    let stranger = TcpTransport::start(config)
+        .await
+        .expect("client starts")
+        .endpoint();
+    let result = stranger
+        .call(
+            1,
+            &Echo {
+                seq: 0,
+                body: vec![],
+            },
+        )
+        .await;
+    assert!(
+        matches!(result, Err(NetError::Unreachable(1))),
+        "got {result:?}"
+    );
+    assert_eq!(server.stats().handshakes_refused, 2);
+    assert_still_serves(address).await;
+}
+
+// Proves a peer speaking another protocol version is refused with the version this node supports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_protocol_version_is_refused() {
+    let (server, _endpoint, address) = server_with(|config| config).await;
+    let mut hello = Hello::new(CLUSTER_ID, 700, Role::Member);
+    hello.protocol_version = PROTOCOL_VERSION + 1;
+    let reply = refused_hello(address, &postcard::to_allocvec(&hello).expect("encode")).await;
+    assert_eq!(
+        reply.refused,
+        Some(RefuseReason::WrongProtocolVersion {
+            supported: PROTOCOL_VERSION
+        })
+    );
+    assert_eq!(server.stats().handshakes_refused, 1);
+    assert_still_serves(address).await;
+}
+
+// Proves slow-loris peers that never finish the handshake are dropped after the timeout and do not block good clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_loris_peers_are_dropped_after_the_handshake_timeout() {
+    let (server, _endpoint, address) = server_with(|mut config| {
+        config.handshake_timeout = Duration::from_secs(1);
+        config
+    })
+    .await;
+    let mut loris = Vec::new();
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(address).await.expect("connect");
+        stream
+            .write_all(&[0, 0])
+            .await
+            .expect("half a length prefix");
+        loris.push(stream);
+    }
+    assert_still_serves(address).await;
+    for stream in &mut loris {
+        read_until_closed(stream).await;
+    }
+    assert_eq!(server.stats().handshakes_refused, 20);
+}
+
+// Proves a full outbound queue drops one-way messages and fails calls at once with QueueFull.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_drops_messages_and_fails_calls_fast() {
+    // A peer that accepts connections but never answers the handshake.
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let mut config = TcpConfig::client(CLUSTER_ID, 800);
+    config
+        .peers
+        .insert(1, silent.local_addr().expect("address"));
+    config.outbound_queue_frames_max = 4;
+    config.handshake_timeout = Duration::from_secs(60);
+    let transport = TcpTransport::start(config).await.expect("client starts");
+    let endpoint = transport.endpoint();
+    for seq in 0..4 {
+        endpoint.send(1, &Seq(seq)).expect("fits in the queue");
+    }
+    assert!(matches!(
+        endpoint.send(1, &Seq(4)),
+        Err(NetError::QueueFull(1))
+    ));
+    let call = endpoint.call(
+        1,
+        &Echo {
+            seq: 0,
+            body: vec![],
+        },
+    );
+    assert!(matches!(call.await, Err(NetError::QueueFull(1))));
+    assert_eq!(transport.stats().messages_dropped, 1);
+    drop(silent);
+}
+
+/// A request whose reply is `0` repeated `len` times.
+#[derive(Serialize, Deserialize)]
+struct Grow(u32);
+
+impl Rpc for Grow {
+    const KIND: Kind = Kind::new(0xf010, 1);
+    type Reply = Vec<u8>;
+}
+
+/// A one-way message of any size.
+#[derive(Serialize, Deserialize)]
+struct Blob(Vec<u8>);
+
+impl Message for Blob {
+    const KIND: Kind = Kind::new(0xf011, 1);
+}
+
+// Proves messages above the frame limit are refused before sending, and a too-large reply comes back as a typed refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_above_the_limit_are_refused() {
+    let cluster = Cluster::tcp_with(1, |mut config| {
+        config.frame_bytes_max = 1024;
+        config
+    })
+    .await;
+    let server = &cluster.servers[0];
+    serve_echo(server);
+    server
+        .register(|_, Grow(len): Grow| async move { vec![0u8; len as usize] })
+        .expect("register");
+    let result = cluster
+        .client
+        .call(
+            1,
+            &Echo {
+                seq: 0,
+                body: vec![0; 2000],
+            },
+        )
+        .await;
+    assert!(
+        matches!(
+            result,
+            Err(NetError::TooLarge {
+                bytes_max: 1024,
+                ..
+            })
+        ),
+        "got {result:?}"
+    );
+    let result = cluster.client.send(1, &Blob(vec![0; 2000]));
+    assert!(
+        matches!(
+            result,
+            Err(NetError::TooLarge {
+                bytes_max: 1024,
+                ..
+            })
+        ),
+        "got {result:?}"
+    );
+    let result = cluster.client.call(1, &Grow(5000)).await;
+    assert!(
+        matches!(
+            result,
+            Err(NetError::Refused {
+                fault: RemoteFault::BadReply,
+                ..
+            })
+        ),
+        "got {result:?}"
+    );
+    assert_eq!(
+        cluster
+            .client
+            .call(1, &Grow(10))
+            .await
+            .expect("small reply"),
+        vec![0u8; 10]
+    );
+}
+
+// Proves a client reconnects to a restarted peer at a new address, failing fast while the peer is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_the_peer_restarts() {
+    let fast_backoff = |mut config: TcpConfig| {
+        config.reconnect_backoff_min = Duration::from_millis(10);
+        config.reconnect_backoff_max = Duration::from_millis(100);
+        config
+    };
+    let (server, _endpoint, address) = server_with(fast_backoff).await;
+    let mut config = fast_backoff(TcpConfig::client(CLUSTER_ID, 900));
+    config.peers.insert(1, address);
+    let client_transport = TcpTransport::start(config).await.expect("client starts");
+    let client = client_transport.endpoint();
+    assert!(
+        client
+            .call(
+                1,
+                &Echo {
+                    seq: 1,
+                    body: vec![]
+                }
+            )
+            .await
+            .is_ok()
+    );
+    server.endpoint().shutdown().await;
+
+    // Down: calls end quickly with a definite error, never hang until the timeout.
+    let mut saw_unreachable = false;
+    for _ in 0..20 {
+        match client
+            .call_timeout(
+                1,
+                &Echo {
+                    seq: 2,
+                    body: vec![],
+                },
+                PATIENCE,
+            )
+            .await
+        {
+            Err(NetError::Unreachable(1)) => {
+                saw_unreachable = true;
+                break;
+            }
+            Err(NetError::NoReply { to: 1 }) => {}
+            other => panic!("a shut-down peer answered: {other:?}"),
+        }
+    }
+    assert!(saw_unreachable, "the link noticed the peer is down");
+
+    let (_restarted, _endpoint, new_address) = server_with(fast_backoff).await;
+    client_transport.set_peer_address(1, new_address);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match client
+            .call(
+                1,
+                &Echo {
+                    seq: 3,
+                    body: vec![],
+                },
+            )
+            .await
+        {
+            Ok(reply) => {
+                assert_eq!(reply.seq, 3);
+                break;
+            }
+            Err(NetError::Unreachable(1)) if attempts < 200 => {
+                // Clerk-style retry while the link waits out its backoff.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => panic!("attempt {attempts}: {other:?}"),
+        }
+    }
+}
+
+// Proves shutdown closes the listener and open connections and fails later calls with Shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_listener_and_connections() {
+    let (server, endpoint, address) = server_with(|config| config).await;
+    let mut open = handshaken(address, 600).await;
+    let client = good_client(address).await;
+    assert!(
+        client
+            .call(
+                1,
+                &Echo {
+                    seq: 1,
+                    body: vec![]
+                }
+            )
+            .await
+            .is_ok()
+    );
+    endpoint.shutdown().await;
+    read_until_closed(&mut open).await;
+    assert!(
+        TcpStream::connect(address).await.is_err(),
+        "the listener is closed"
+    );
+    assert!(matches!(
+        endpoint
+            .call(
+                1,
+                &Echo {
+                    seq: 1,
+                    body: vec![]
+                }
+            )
+            .await,
+        Err(NetError::Shutdown)
+    ));
+    assert!(matches!(
+        server.send(2, Seq::KIND, Bytes::new(), MessageRole::Request),
+        Err(NetError::Shutdown)
+    ));
+    assert!(matches!(
+        client
+            .call(
+                1,
+                &Echo {
+                    seq: 1,
+                    body: vec![]
+                }
+            )
+            .await,
+        Err(NetError::NoReply { .. } | NetError::Unreachable(1))
+    ));
+}
+
+// Proves unknown peers and a peer answering with another node id are errors, not hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_peer_and_wrong_node_id_are_errors() {
+    let (_server, _endpoint, address) = server_with(|config| config).await;
+    let mut config = TcpConfig::client(CLUSTER_ID, 901);
+    config.peers.insert(2, address); // node 1 listens there, not node 2
+    let client = TcpTransport::start(config)
+        .await
+        .expect("client starts")
+        .endpoint();
+    assert!(matches!(
+        client
+            .call(
+                7,
+                &Echo {
+                    seq: 0,
+                    body: vec![]
+                }
+            )
+            .await,
+        Err(NetError::UnknownPeer(7))
+    ));
+    assert!(matches!(
+        client.send(7, &Seq(0)),
+        Err(NetError::UnknownPeer(7))
+    ));
+    let result = client
+        .call(
+            2,
+            &Echo {
+                seq: 0,
+                body: vec![],
+            },
+        )
+        .await;
+    assert!(
+        matches!(result, Err(NetError::Unreachable(2))),
+        "got {result:?}"
+    );
+}
+
+// Proves a bad configuration is rejected with a typed error instead of starting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_configuration_is_rejected() {
+    let mut config = TcpConfig::client(CLUSTER_ID, 1);
+    config.outbound_queue_frames_max = 0;
+    assert!(matches!(
+        TcpTransport::start(config).await,
+        Err(NetError::Config(_))
+    ));
+    let taken = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let config = TcpConfig::member(CLUSTER_ID, 1, taken.local_addr().expect("address"));
+    assert!(matches!(
+        TcpTransport::start(config).await,
+        Err(NetError::Io { .. })
+    ));
+}
