@@ -1,7 +1,8 @@
 //! Versioned key/value service: the state machine, the Clerk (with its
-//! ErrMaybe rule) and the lock built on it. Everything here is pure or
-//! transport-independent: servers (single-node on sled, replicated on Raft)
-//! and transports (simulated, TCP) plug in from the outside.
+//! ErrMaybe rule), the lock built on it, the RPC on the net layer and the
+//! single-node server. Everything but `rpc` and `server` is pure or
+//! transport-independent: servers (single-node on a store, replicated on
+//! Raft) and transports (simulated, TCP) plug in from the outside.
 //!
 //! - [`types`]: the wire types ([`KvCommand`], [`KvReply`], [`KvError`]), the
 //!   size limits and the command encoding carried by Raft log entries.
@@ -9,15 +10,24 @@
 //!   the [`VersionedMap`] trait and the in-memory [`MemoryKv`].
 //! - [`clerk`]: the [`Clerk`] over any [`KvRpc`] transport.
 //! - [`lock`]: a [`Lock`] (optionally with a lease) over any [`KvClient`].
+//! - [`rpc`]: the request kind and reply type on the net layer, and
+//!   [`EndpointRpc`], the [`KvRpc`] over a [`crate::net::Endpoint`].
+//! - [`server`]: the single-node [`KvServer`] with group commit.
 //!
-//! This module must not touch sockets, files or sled; time is tokio time.
+//! This module must not touch sockets, files or sled directly: `rpc` and
+//! `server` go through [`crate::net::Endpoint`] and the storage traits.
+//! Time is tokio time.
 
 pub mod clerk;
 pub mod lock;
+pub mod rpc;
+pub mod server;
 pub mod state_machine;
 pub mod types;
 
 pub use clerk::{Clerk, ClerkConfig, ClerkConfigError, KvClient, KvRpc, NoReply};
+pub use rpc::{EndpointRpc, KV_REQUEST_KIND, KvResponse, ServerUnavailable};
+pub use server::{KvServer, KvServerConfig, KvServerError, KvServerStats};
 pub use lock::{FencingToken, Lock, LockConfig, LockError, LockGrant, LockRecord, OWNER_BYTES_MAX};
 pub use state_machine::{Applied, MemoryKv, VersionedMap, apply, execute};
 pub use types::{
