@@ -26,9 +26,9 @@ pub mod state_machine;
 pub mod types;
 
 pub use clerk::{Clerk, ClerkConfig, ClerkConfigError, KvClient, KvRpc, NoReply};
+pub use lock::{FencingToken, Lock, LockConfig, LockError, LockGrant, LockRecord, OWNER_BYTES_MAX};
 pub use rpc::{EndpointRpc, KV_REQUEST_KIND, KvResponse, ServerUnavailable};
 pub use server::{KvServer, KvServerConfig, KvServerError, KvServerStats};
-pub use lock::{FencingToken, Lock, LockConfig, LockError, LockGrant, LockRecord, OWNER_BYTES_MAX};
 pub use state_machine::{Applied, MemoryKv, VersionedMap, apply, execute};
 pub use types::{
     COMMAND_BYTES_MAX, COMMAND_FORMAT, DecodeError, KEY_BYTES_MAX, KvCommand, KvError, KvReply,

@@ -86,10 +86,14 @@ impl KvServerConfig {
     /// Checks that every bound is usable.
     pub fn validate(&self) -> Result<(), KvServerError> {
         if self.queue_requests_max == 0 {
-            return Err(KvServerError::Config("queue_requests_max must be at least 1"));
+            return Err(KvServerError::Config(
+                "queue_requests_max must be at least 1",
+            ));
         }
         if self.batch_requests_max == 0 {
-            return Err(KvServerError::Config("batch_requests_max must be at least 1"));
+            return Err(KvServerError::Config(
+                "batch_requests_max must be at least 1",
+            ));
         }
         if self.batch_bytes_max == 0 {
             return Err(KvServerError::Config("batch_bytes_max must be at least 1"));
@@ -390,7 +394,11 @@ async fn run_batch<S: KvStorage + 'static>(
             vec![Err(ServerUnavailable::ShuttingDown); count]
         }
     };
-    assert_eq!(responses.len(), responders.len(), "one response per request");
+    assert_eq!(
+        responses.len(),
+        responders.len(),
+        "one response per request"
+    );
     for (responder, response) in responders.into_iter().zip(responses) {
         // The caller may have gone (timeout, crash): nothing to do then.
         let _ = responder.send(response);

@@ -133,7 +133,11 @@ fn batch_executes_in_order_and_commits_once() {
     let stored = store.inner.kv_get(3, b"k").unwrap().unwrap();
     assert_eq!((stored.value.as_ref(), stored.version), (&b"b"[..], 2));
     assert_eq!(store.inner.kv_key_count(3).unwrap(), 2);
-    assert_eq!(store.inner.kv_key_count(0).unwrap(), 0, "other namespace untouched");
+    assert_eq!(
+        store.inner.kv_key_count(0).unwrap(),
+        0,
+        "other namespace untouched"
+    );
     // A batch of reads and failed puts writes nothing.
     let executed = execute_batch(&store, 3, &[get("k"), put("k", "z", 7)]).unwrap();
     assert!(!executed.committed);
@@ -233,7 +237,10 @@ async fn full_queue_answers_busy() {
     let first = client.call(1, &put("a", "1", 0));
     entered.recv().await.unwrap();
     // The committer holds the first request; two more fill the queue.
-    let queued = [client.call(1, &put("b", "1", 0)), client.call(1, &put("c", "1", 0))];
+    let queued = [
+        client.call(1, &put("b", "1", 0)),
+        client.call(1, &put("c", "1", 0)),
+    ];
     let rejected = client.call(1, &put("d", "1", 0)).await.unwrap();
     assert_eq!(rejected, Err(ServerUnavailable::Busy));
     assert_eq!(server.stats().rejected_busy, 1);
