@@ -6,9 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use raftkv::kv::KvCommand;
 use raftkv::raft::{Entry, EntryKind};
 use raftkv::storage::{KvStorage, MrStorage, RaftLogStorage, Store, StoreConfig};
 use serde::Serialize;
+
+mod kv_cli;
 
 /// raftkv: replicated durable state and MapReduce.
 #[derive(Parser, Debug)]
@@ -34,6 +37,20 @@ enum Command {
         #[arg(long, value_name = "N", default_value_t = 10)]
         entries: usize,
     },
+    /// Run the single-node versioned key/value server over TCP until SIGINT
+    /// or SIGTERM. Prints `listening on ADDR` once bound. Its node id is 1.
+    Kvsrv(kv_cli::KvsrvArgs),
+    /// Put VALUE at KEY if the key's version is N (0 creates a missing key).
+    /// Prints OK, ErrVersion, ErrNoKey or ErrMaybe; exits 0, 3, 4 or 5
+    /// (1 for other failures, 2 for usage errors).
+    Put(kv_cli::PutArgs),
+    /// Print the value of KEY (exit 0), or ErrNoKey (exit 4).
+    Get(kv_cli::GetArgs),
+    /// Acquire or release a lock kept in the key NAME.
+    Lock {
+        #[command(subcommand)]
+        action: kv_cli::LockAction,
+    },
 }
 
 fn main() -> ExitCode {
@@ -43,10 +60,16 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Inspect { dir, json, entries } => inspect(&dir, json, entries),
+        Command::Inspect { dir, json, entries } => {
+            inspect(&dir, json, entries).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Kvsrv(args) => kv_cli::kvsrv(args),
+        Command::Put(args) => kv_cli::put(args),
+        Command::Get(args) => kv_cli::get(args),
+        Command::Lock { action } => kv_cli::lock(action),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("raftkv: {error:#}");
             ExitCode::FAILURE
@@ -102,6 +125,17 @@ struct EntryReport {
 enum DecodedData {
     /// No data (a no-op entry, or an empty command).
     Empty,
+    /// A key/value Put command.
+    KvPut {
+        key: String,
+        version: u64,
+        value_bytes: usize,
+        /// The first bytes of the value, non-printable bytes escaped.
+        value_prefix: String,
+        truncated: bool,
+    },
+    /// A key/value Get command.
+    KvGet { key: String },
     /// Bytes `inspect` cannot decode: the first bytes in hex.
     Opaque { hex_prefix: String, truncated: bool },
 }
@@ -135,10 +169,31 @@ struct RecordReport {
 }
 
 /// Decodes an entry's data for display. The one place to teach `inspect` a
-/// new command format (the KV service's commands, once they exist).
+/// new command format: key/value commands ([`KvCommand::decode`]), else hex.
 fn decode_entry_data(entry: &Entry) -> DecodedData {
     if entry.data.is_empty() {
         return DecodedData::Empty;
+    }
+    match KvCommand::decode(&entry.data) {
+        Ok(KvCommand::Put {
+            key,
+            value,
+            version,
+        }) => {
+            return DecodedData::KvPut {
+                key: escaped(key.as_bytes()),
+                version,
+                value_bytes: value.len(),
+                value_prefix: escaped(&value[..value.len().min(VALUE_PREFIX_BYTES)]),
+                truncated: value.len() > VALUE_PREFIX_BYTES,
+            };
+        }
+        Ok(KvCommand::Get { key }) => {
+            return DecodedData::KvGet {
+                key: escaped(key.as_bytes()),
+            };
+        }
+        Err(_) => {}
     }
     let shown = &entry.data[..entry.data.len().min(HEX_PREFIX_BYTES)];
     DecodedData::Opaque {
@@ -264,6 +319,17 @@ fn render_text(report: &Report) -> Result<String, std::fmt::Error> {
         for entry in &group.last_entries {
             let data = match &entry.decoded {
                 DecodedData::Empty => String::new(),
+                DecodedData::KvPut {
+                    key,
+                    version,
+                    value_bytes,
+                    value_prefix,
+                    truncated,
+                } => format!(
+                    "  kv put \"{key}\" version {version} value ({value_bytes} bytes) \"{value_prefix}{}\"",
+                    if *truncated { "..." } else { "" }
+                ),
+                DecodedData::KvGet { key } => format!("  kv get \"{key}\""),
                 DecodedData::Opaque {
                     hex_prefix,
                     truncated,
