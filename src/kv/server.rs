@@ -12,12 +12,12 @@
 //!    [`apply`](super::apply)), each command seeing the effect of the earlier
 //!    ones of its batch;
 //! 2. writes the changed keys as one [`WriteBatch`] with one
-//!    [`Storage::commit`] (one flush);
+//!    [`Storage::commit`](crate::storage::Storage::commit) (one flush);
 //! 3. only then replies to every request of the batch, Gets included.
 //!
 //! # Guarantees
 //! - **Durable before acknowledged**: a Put's reply is sent after the commit
-//!   of its batch returned, i.e. after the flush ([`Storage`]'s durability
+//!   of its batch returned, i.e. after the flush ([`Storage`](crate::storage::Storage)'s durability
 //!   contract).
 //! - **Atomic read-modify-write**: one task executes every command, in
 //!   order, so two Puts on one key never both act on the same version (no
