@@ -272,7 +272,7 @@ async fn failed_commit_answers_storage_failed() {
         client.call(1, &put("k", "b", 1)).await.unwrap(),
         Err(ServerUnavailable::StorageFailed)
     );
-    // Reads that need no commit still work.
+    // Reads that need no commit still work (this injected failure does not poison the store).
     assert_eq!(client.call(1, &get("k")).await.unwrap(), Ok(found("a", 1)));
     assert_eq!(server.stats().storage_failures, 1);
 }
