@@ -443,6 +443,14 @@ fn inspect(dir: &Path, json: bool, n: usize) -> anyhow::Result<()> {
     }
 }
 
+/// Prints a line to stdout, ignoring a closed stdout (`raftkv mr coordinator | head -1`): the
+/// job must not fail because nobody reads its progress lines.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 /// `1.23 MiB`-style sizes.
 fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -461,22 +469,26 @@ fn human_bytes(bytes: u64) -> String {
 
 fn print_summary(progress: &Progress, elapsed: std::time::Duration, output_dir: &Path) {
     let seconds = elapsed.as_secs_f64();
-    println!(
+    say!(
         "job complete: {} map tasks, {} reduce tasks in {seconds:.3} s",
-        progress.map_tasks, progress.reduce_tasks
+        progress.map_tasks,
+        progress.reduce_tasks
     );
-    println!(
+    say!(
         "  bytes: input {} ({}/s), intermediate {}, output {}",
         human_bytes(progress.input_bytes),
         human_bytes((progress.input_bytes as f64 / seconds.max(1e-9)) as u64),
         human_bytes(progress.intermediate_bytes),
         human_bytes(progress.output_bytes)
     );
-    println!(
+    say!(
         "  timeouts {}, failures {}, late completions {}, spills {}",
-        progress.timeouts, progress.failures, progress.late_completions, progress.spills
+        progress.timeouts,
+        progress.failures,
+        progress.late_completions,
+        progress.spills
     );
-    println!(
+    say!(
         "  outputs: {}/mr-out-0 … mr-out-{}",
         output_dir.display(),
         progress.reduce_tasks.saturating_sub(1)
@@ -553,9 +565,12 @@ async fn coordinate(args: MrCoordinatorArgs) -> anyhow::Result<()> {
         reset_tasks,
     } = start
     {
-        println!(
+        say!(
             "resumed job: maps {}/{}, reduces {}/{} done, {reset_tasks} tasks in progress reset",
-            progress.maps_done, progress.map_tasks, progress.reduces_done, progress.reduce_tasks
+            progress.maps_done,
+            progress.map_tasks,
+            progress.reduces_done,
+            progress.reduce_tasks
         );
     }
     let transport = TcpTransport::start(TcpConfig::member(
@@ -570,17 +585,21 @@ async fn coordinate(args: MrCoordinatorArgs) -> anyhow::Result<()> {
     let bound = transport
         .local_address()
         .context("the listener has no address")?;
-    println!("listening on {bound}");
+    say!("listening on {bound}");
     let mut updates = coordinator.subscribe();
     let printer = tokio::spawn(async move {
-        let mut last = (u32::MAX, u32::MAX);
+        let initial = *updates.borrow_and_update();
+        let mut last = (initial.maps_done, initial.reduces_done);
         while updates.changed().await.is_ok() {
             let p = *updates.borrow_and_update();
             if (p.maps_done, p.reduces_done) != last {
                 last = (p.maps_done, p.reduces_done);
-                println!(
+                say!(
                     "progress: maps {}/{}, reduces {}/{}",
-                    p.maps_done, p.map_tasks, p.reduces_done, p.reduce_tasks
+                    p.maps_done,
+                    p.map_tasks,
+                    p.reduces_done,
+                    p.reduce_tasks
                 );
             }
         }
@@ -655,9 +674,10 @@ async fn work(args: MrWorkerArgs, app: std::sync::Arc<dyn App>) -> anyhow::Resul
         WorkerExit::JobDone => "the job is done",
         WorkerExit::CoordinatorGone => "the coordinator is gone",
     };
-    println!(
+    say!(
         "worker exiting: {why}; {} tasks completed, {} failed",
-        summary.tasks_completed, summary.tasks_failed
+        summary.tasks_completed,
+        summary.tasks_failed
     );
     Ok(())
 }
