@@ -291,3 +291,121 @@ impl Caller<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mr::protocol::COORDINATOR_NODE_ID;
+    use crate::mr::{Coordinator, CoordinatorConfig, WordCount};
+    use crate::net::sim::{SimConfig, SimNetwork};
+    use crate::storage::{MemDisk, MemStore};
+
+    fn inputs(dir: &std::path::Path, n: usize) -> Vec<PathBuf> {
+        (0..n)
+            .map(|i| {
+                let path = dir.join(format!("in-{i}.txt"));
+                std::fs::write(&path, format!("apple banana {}\n", "apple ".repeat(i))).unwrap();
+                path
+            })
+            .collect()
+    }
+
+    fn worker_config(id: u64) -> WorkerConfig {
+        let mut config = WorkerConfig::new(WorkerId(id), COORDINATOR_NODE_ID);
+        config.exec.sync_files = false;
+        config.call_timeout_ms = 2000;
+        config.coordinator_gone_ms = 500;
+        config
+    }
+
+    // Proves two workers and a coordinator over the simulated network finish a job: each
+    // worker hears that the job is done, every task completed exactly once, the output is
+    // right.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn workers_finish_a_job_over_the_simulated_network() {
+        let dir = tempfile::tempdir().unwrap();
+        let network = SimNetwork::new(SimConfig::new(1));
+        let server = network.add_node(COORDINATOR_NODE_ID).unwrap();
+        let mut config = CoordinatorConfig::new(inputs(dir.path(), 3), dir.path().join("out"));
+        config.reduce_tasks = 2;
+        let store = MemStore::open(&MemDisk::new()).unwrap();
+        let (coordinator, _) = Coordinator::open(store, config).unwrap();
+        coordinator.register(&server).unwrap();
+        let running = tokio::spawn({
+            let coordinator = coordinator.clone();
+            async move { coordinator.run().await }
+        });
+        let workers: Vec<_> = (1..=2)
+            .map(|id| {
+                let endpoint = network.add_client();
+                tokio::spawn(async move {
+                    run_worker(&endpoint, Arc::new(WordCount), &worker_config(id)).await
+                })
+            })
+            .collect();
+        let mut completed = 0;
+        for worker in workers {
+            let summary = worker.await.unwrap().unwrap();
+            assert_eq!(summary.exit, WorkerExit::JobDone);
+            assert_eq!(summary.tasks_failed, 0);
+            completed += summary.tasks_completed;
+        }
+        assert_eq!(completed, 3 + 2, "each task ran once");
+        let report = running.await.unwrap().unwrap();
+        let mut lines: Vec<String> = report
+            .outputs
+            .iter()
+            .flat_map(|p| {
+                std::fs::read_to_string(p)
+                    .unwrap()
+                    .lines()
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        lines.sort();
+        assert_eq!(lines, ["apple 6", "banana 3"]);
+    }
+
+    // Proves a worker that had reached the coordinator ends with CoordinatorGone (not an
+    // error) once the coordinator stops answering, and one that never reached it fails with
+    // CoordinatorUnreachable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn coordinator_gone_versus_never_reached() {
+        let dir = tempfile::tempdir().unwrap();
+        let network = SimNetwork::new(SimConfig::new(2));
+        let server = network.add_node(COORDINATOR_NODE_ID).unwrap();
+        let mut config = CoordinatorConfig::new(inputs(dir.path(), 2), dir.path().join("out"));
+        config.wait_long_poll_ms = 50;
+        let store = MemStore::open(&MemDisk::new()).unwrap();
+        let (coordinator, _) = Coordinator::open(store, config).unwrap();
+        coordinator.register(&server).unwrap();
+        // Another worker holds map 0 and never finishes it, so the job cannot end.
+        let held = coordinator
+            .request_task(RequestTask {
+                worker: WorkerId(99),
+                app: "wc".into(),
+            })
+            .await;
+        assert!(matches!(held, TaskReply::Map { .. }), "{held:?}");
+        let mut progress = coordinator.subscribe();
+        let endpoint = network.add_client();
+        let worker = tokio::spawn(async move {
+            run_worker(&endpoint, Arc::new(WordCount), &worker_config(1)).await
+        });
+        // Once the worker's map 1 is done it only waits; then the coordinator dies.
+        progress.wait_for(|p| p.maps_done == 1).await.unwrap();
+        network.crash(COORDINATOR_NODE_ID);
+        let summary = worker.await.unwrap().unwrap();
+        assert_eq!(summary.exit, WorkerExit::CoordinatorGone);
+        assert_eq!(summary.tasks_completed, 1);
+
+        let endpoint = network.add_client();
+        match run_worker(&endpoint, Arc::new(WordCount), &worker_config(2)).await {
+            Err(MrError::CoordinatorUnreachable { node, .. }) => {
+                assert_eq!(node, COORDINATOR_NODE_ID)
+            }
+            other => panic!("expected CoordinatorUnreachable, got {other:?}"),
+        }
+    }
+}
