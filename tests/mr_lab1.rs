@@ -231,6 +231,9 @@ struct Lab {
     sleep_percent: u32,
     bound: Duration,
     spawned: Mutex<u32>,
+    /// This lab's cluster id: a process can never join another test's job, even if a port is
+    /// reused.
+    cluster_id: String,
 }
 
 impl Lab {
@@ -246,6 +249,7 @@ impl Lab {
             sleep_percent,
             bound,
             spawned: Mutex::new(0),
+            cluster_id: rand::random::<u32>().to_string(),
         })
     }
 
@@ -299,6 +303,7 @@ impl Lab {
         args.extend(["--reduce-tasks".into(), "10".into()]);
         args.extend(["--state-dir".into(), self.state.display().to_string()]);
         args.extend(["--output-dir".into(), self.out.display().to_string()]);
+        args.extend(["--cluster-id".into(), self.cluster_id.clone()]);
         args.extend(extra.iter().map(|s| s.to_string()));
         args.extend(corpus().iter().map(|p| p.display().to_string()));
         args
@@ -348,7 +353,16 @@ impl Lab {
     }
 
     fn worker(&self, address: &str, app: &str, extra: &[&str]) -> Process {
-        let mut args = vec!["mr", "worker", "--coordinator", address, "--app", app];
+        let mut args = vec![
+            "mr",
+            "worker",
+            "--coordinator",
+            address,
+            "--app",
+            app,
+            "--cluster-id",
+            &self.cluster_id,
+        ];
         args.extend_from_slice(extra);
         self.spawn(&format!("worker-{app}"), &args)
     }
@@ -631,6 +645,8 @@ fn bad_input_is_a_clear_error() -> Result<()> {
             state,
             "--output-dir",
             out,
+            "--cluster-id",
+            &lab.cluster_id,
         ];
         args.extend_from_slice(extra);
         args.extend_from_slice(inputs);
@@ -681,6 +697,8 @@ fn bad_input_is_a_clear_error() -> Result<()> {
         out.clone(),
         "--app".into(),
         "wc".into(),
+        "--cluster-id".into(),
+        lab.cluster_id.clone(),
         input.clone(),
     ]);
     let log = lab.worker(&job.address, "indexer", &[]).wait_failure();
@@ -709,7 +727,8 @@ fn bad_input_is_a_clear_error() -> Result<()> {
         "{log}"
     );
 
-    // Nobody listens on a port whose listener was closed.
+    // Nobody listens on a port whose listener was closed (and if a port were reused, this
+    // lab's cluster id keeps the worker out of anyone else's job).
     let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let log = lab
         .worker(&closed.to_string(), "wc", &["--coordinator-gone-ms", "300"])
