@@ -5,8 +5,15 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
 use raftkv::kv::KvCommand;
+use raftkv::mr::test_apps::{TEST_APP_NAMES, TestAppEnv, test_app_by_name};
+use raftkv::mr::{
+    APP_NAMES, App, COORDINATOR_NODE_ID, Coordinator, CoordinatorConfig, JobConfig, JobStart,
+    MrError, Progress, WorkerConfig, WorkerExit, WorkerId, app_by_name, run_job_with, run_worker,
+};
+use raftkv::net::tcp::{TcpConfig, TcpTransport};
 use raftkv::raft::{Entry, EntryKind};
 use raftkv::storage::{KvStorage, MrStorage, RaftLogStorage, Store, StoreConfig};
 use serde::Serialize;
@@ -51,12 +58,112 @@ enum Command {
         #[command(subcommand)]
         action: kv_cli::LockAction,
     },
+    /// MapReduce: run a job in this process, or as a coordinator and worker processes.
+    Mr {
+        #[command(subcommand)]
+        command: MrCommand,
+    },
+}
+
+/// Default cluster id of MapReduce coordinators and workers (they refuse other clusters).
+const MR_CLUSTER_ID: u64 = 0x006d_726a_6f62;
+
+#[derive(Subcommand, Debug)]
+enum MrCommand {
+    /// Run a job in this process: a coordinator and W worker threads. Shows a progress bar on
+    /// a terminal and a summary at the end.
+    Run(MrRunArgs),
+    /// Coordinate a job for worker processes over TCP. Prints `listening on ADDR` once bound,
+    /// a `progress:` line per finished task, and exits 0 once every mr-out-* is written. The
+    /// job state lives in --state-dir: rerun the same command after a crash to resume.
+    Coordinator(MrCoordinatorArgs),
+    /// Run tasks for the coordinator at ADDR until the job is done or the coordinator is gone.
+    Worker(MrWorkerArgs),
+}
+
+#[derive(Args, Debug)]
+struct MrRunArgs {
+    /// The application: wc or indexer.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(APP_NAMES))]
+    app: String,
+    /// Number of reduce tasks (output files), R.
+    #[arg(long, value_name = "R", default_value_t = 10)]
+    reduce_tasks: u32,
+    /// Number of worker threads, W.
+    #[arg(long, value_name = "W", default_value_t = 2)]
+    workers: usize,
+    /// Directory of the outputs mr-out-0 … mr-out-<R-1>.
+    #[arg(long, value_name = "OUT")]
+    output_dir: PathBuf,
+    /// Files larger than this are split into several map tasks at line boundaries.
+    #[arg(long, value_name = "BYTES", default_value_t = 16 << 20)]
+    split_bytes: u64,
+    /// A task running this long is handed to another worker.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    task_timeout_ms: u64,
+    /// The input files.
+    #[arg(value_name = "INPUT", required = true)]
+    inputs: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct MrCoordinatorArgs {
+    /// Address to listen on (port 0 picks a free port; see the `listening on` line).
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// Number of reduce tasks (output files), R.
+    #[arg(long, value_name = "R", default_value_t = 10)]
+    reduce_tasks: u32,
+    /// Directory of the durable job state (created if missing).
+    #[arg(long, value_name = "DIR")]
+    state_dir: PathBuf,
+    /// Directory of the outputs mr-out-0 … mr-out-<R-1> (workers must see the same path).
+    #[arg(long, value_name = "OUT")]
+    output_dir: PathBuf,
+    /// Accept only workers of this application (default: the first worker's application).
+    #[arg(long, value_name = "NAME")]
+    app: Option<String>,
+    /// Files larger than this are split into several map tasks at line boundaries.
+    #[arg(long, value_name = "BYTES", default_value_t = 16 << 20)]
+    split_bytes: u64,
+    /// A task running this long is handed to the next worker that asks.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    task_timeout_ms: u64,
+    /// The job fails once one task has failed this many times.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    task_failures_max: u32,
+    /// After the job is over, keep answering workers this long so they hear "exit".
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    exit_linger_ms: u64,
+    /// Cluster id; workers must use the same.
+    #[arg(long, default_value_t = MR_CLUSTER_ID)]
+    cluster_id: u64,
+    /// The input files.
+    #[arg(value_name = "INPUT", required = true)]
+    inputs: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct MrWorkerArgs {
+    /// The coordinator's address (HOST:PORT).
+    #[arg(long, value_name = "ADDR")]
+    coordinator: String,
+    /// The application: wc or indexer.
+    #[arg(long, value_name = "NAME")]
+    app: String,
+    /// Give up once no call reaches the coordinator for this long.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    coordinator_gone_ms: u64,
+    /// Cluster id; must match the coordinator's.
+    #[arg(long, default_value_t = MR_CLUSTER_ID)]
+    cluster_id: u64,
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -67,6 +174,12 @@ fn main() -> ExitCode {
         Command::Put(args) => kv_cli::put(args),
         Command::Get(args) => kv_cli::get(args),
         Command::Lock { action } => kv_cli::lock(action),
+        Command::Mr { command } => match command {
+            MrCommand::Run(args) => mr_run(args),
+            MrCommand::Coordinator(args) => mr_coordinator(args),
+            MrCommand::Worker(args) => mr_worker(args),
+        }
+        .map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -396,4 +509,243 @@ fn inspect(dir: &Path, json: bool, n: usize) -> anyhow::Result<()> {
         Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         other => Ok(other?),
     }
+}
+
+/// Prints a line to stdout, ignoring a closed stdout (`raftkv mr coordinator | head -1`): the
+/// job must not fail because nobody reads its progress lines.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `1.23 MiB`-style sizes.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
+    }
+}
+
+fn print_summary(progress: &Progress, elapsed: std::time::Duration, output_dir: &Path) {
+    let seconds = elapsed.as_secs_f64();
+    say!(
+        "job complete: {} map tasks, {} reduce tasks in {seconds:.3} s",
+        progress.map_tasks,
+        progress.reduce_tasks
+    );
+    say!(
+        "  bytes: input {} ({}/s), intermediate {}, output {}",
+        human_bytes(progress.input_bytes),
+        human_bytes((progress.input_bytes as f64 / seconds.max(1e-9)) as u64),
+        human_bytes(progress.intermediate_bytes),
+        human_bytes(progress.output_bytes)
+    );
+    say!(
+        "  timeouts {}, failures {}, late completions {}, spills {}",
+        progress.timeouts,
+        progress.failures,
+        progress.late_completions,
+        progress.spills
+    );
+    say!(
+        "  outputs: {}/mr-out-0 … mr-out-{}",
+        output_dir.display(),
+        progress.reduce_tasks.saturating_sub(1)
+    );
+}
+
+fn mr_run(args: MrRunArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    let app = app_by_name(&args.app)?;
+    let mut config = JobConfig::new(&args.output_dir);
+    config.table.reduce_tasks = args.reduce_tasks;
+    config.table.task_timeout_ms = args.task_timeout_ms;
+    config.workers = args.workers;
+    config.split_bytes = args.split_bytes;
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:40}] {pos}/{len} tasks {msg}",
+            )?
+            .progress_chars("=> "),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let apps = vec![app; args.workers];
+    let on_progress = |p: &Progress| {
+        bar.set_length(u64::from(p.map_tasks + p.reduce_tasks));
+        bar.set_position(u64::from(p.maps_done + p.reduces_done));
+        bar.set_message(format!(
+            "({} of {} read)",
+            human_bytes(p.input_bytes_done),
+            human_bytes(p.input_bytes)
+        ));
+    };
+    let result = run_job_with(&apps, &args.inputs, &config, &on_progress);
+    bar.finish_and_clear();
+    let summary = result.context("job failed")?;
+    print_summary(&summary.progress, summary.elapsed, &args.output_dir);
+    Ok(())
+}
+
+fn mr_coordinator(args: MrCoordinatorArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(coordinate(args))
+}
+
+async fn coordinate(args: MrCoordinatorArgs) -> anyhow::Result<()> {
+    let listen = resolve(&args.listen).await?;
+    let mut config = CoordinatorConfig::new(args.inputs, &args.output_dir);
+    config.reduce_tasks = args.reduce_tasks;
+    config.app = args.app;
+    config.split_bytes = args.split_bytes;
+    config.task_timeout_ms = args.task_timeout_ms;
+    config.task_failures_max = args.task_failures_max;
+    config.exit_linger_ms = args.exit_linger_ms;
+    let state_dir = args.state_dir.clone();
+    let opened = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let store = Store::open(&state_dir)
+            .with_context(|| format!("cannot open state directory {}", state_dir.display()))?;
+        Coordinator::open(store, config)
+            .with_context(|| format!("cannot start the job of {}", state_dir.display()))
+    })
+    .await
+    .context("the start-up task failed")?;
+    let (coordinator, start) = opened?;
+    if let JobStart::Resumed {
+        progress,
+        reset_tasks,
+    } = start
+    {
+        say!(
+            "resumed job: maps {}/{}, reduces {}/{} done, {reset_tasks} tasks in progress reset",
+            progress.maps_done,
+            progress.map_tasks,
+            progress.reduces_done,
+            progress.reduce_tasks
+        );
+    }
+    let transport = TcpTransport::start(TcpConfig::member(
+        args.cluster_id,
+        COORDINATOR_NODE_ID,
+        listen,
+    ))
+    .await
+    .with_context(|| format!("cannot listen on {listen}"))?;
+    let endpoint = transport.endpoint();
+    coordinator.register(&endpoint)?;
+    let bound = transport
+        .local_address()
+        .context("the listener has no address")?;
+    say!("listening on {bound}");
+    let mut updates = coordinator.subscribe();
+    let printer = tokio::spawn(async move {
+        let initial = *updates.borrow_and_update();
+        let mut last = (initial.maps_done, initial.reduces_done);
+        while updates.changed().await.is_ok() {
+            let p = *updates.borrow_and_update();
+            if (p.maps_done, p.reduces_done) != last {
+                last = (p.maps_done, p.reduces_done);
+                say!(
+                    "progress: maps {}/{}, reduces {}/{}",
+                    p.maps_done,
+                    p.map_tasks,
+                    p.reduces_done,
+                    p.reduce_tasks
+                );
+            }
+        }
+    });
+    let result = coordinator.run().await;
+    printer.abort();
+    endpoint.shutdown().await;
+    let report = result.context("job failed")?;
+    print_summary(
+        &report.progress,
+        report.elapsed,
+        &coordinator_output(&coordinator),
+    );
+    Ok(())
+}
+
+fn coordinator_output(coordinator: &Coordinator<Store>) -> PathBuf {
+    PathBuf::from(&coordinator.job().output_dir)
+}
+
+/// The first address `address` resolves to.
+async fn resolve(address: &str) -> anyhow::Result<std::net::SocketAddr> {
+    tokio::net::lookup_host(address)
+        .await
+        .with_context(|| format!("bad address {address:?} (expected HOST:PORT)"))?
+        .next()
+        .with_context(|| format!("{address:?} resolves to no address"))
+}
+
+/// The worker's application: a user-facing one, or one of the lab's hidden test applications
+/// (configured from the environment).
+fn worker_app(name: &str) -> anyhow::Result<std::sync::Arc<dyn App>> {
+    if TEST_APP_NAMES.contains(&name) {
+        return Ok(test_app_by_name(name, TestAppEnv::from_env()?)?);
+    }
+    Ok(app_by_name(name)?)
+}
+
+fn mr_worker(args: MrWorkerArgs) -> anyhow::Result<()> {
+    let app = worker_app(&args.app)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(work(args, app))
+}
+
+async fn work(args: MrWorkerArgs, app: std::sync::Arc<dyn App>) -> anyhow::Result<()> {
+    let address = resolve(&args.coordinator).await?;
+    let node_id = loop {
+        let id: u64 = rand::random();
+        if id != 0 && id != COORDINATOR_NODE_ID {
+            break id;
+        }
+    };
+    let mut tcp = TcpConfig::client(args.cluster_id, node_id);
+    tcp.peers.insert(COORDINATOR_NODE_ID, address);
+    let transport = TcpTransport::start(tcp).await?;
+    let endpoint = transport.endpoint();
+    let mut config = WorkerConfig::new(WorkerId(rand::random()), COORDINATOR_NODE_ID);
+    config.coordinator_gone_ms = args.coordinator_gone_ms;
+    let result = run_worker(&endpoint, app, &config).await;
+    endpoint.shutdown().await;
+    let summary = match result {
+        Ok(summary) => summary,
+        Err(error @ MrError::CoordinatorUnreachable { .. }) => {
+            return Err(error).with_context(|| format!("coordinator at {address}"));
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let why = match summary.exit {
+        WorkerExit::JobDone => "the job is done",
+        WorkerExit::CoordinatorGone => "the coordinator is gone",
+    };
+    say!(
+        "worker exiting: {why}; {} tasks completed, {} failed",
+        summary.tasks_completed,
+        summary.tasks_failed
+    );
+    Ok(())
 }

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use super::table::TaskId;
+use crate::net::NetError;
+use crate::storage::StorageError;
 
 /// Everything that can go wrong while planning, executing or driving a MapReduce job.
 #[derive(Debug, Error)]
@@ -90,6 +92,52 @@ pub enum MrError {
         /// How many times it failed.
         failures: u32,
         /// The error of its last failure.
+        last_error: String,
+    },
+    /// The coordinator's durable job state could not be read or written.
+    #[error("job state storage: {0}")]
+    Storage(#[from] StorageError),
+    /// The coordinator's job state holds something this build cannot accept.
+    #[error("corrupted job state record {record}: {reason}")]
+    StateCorrupt {
+        /// Which record, e.g. `job/spec` or `map task 3`.
+        record: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The state directory holds a different job than the one asked for.
+    #[error(
+        "the state directory holds a different job ({differences}); rerun the original \
+         command, or use a new state directory for a new job"
+    )]
+    JobMismatch {
+        /// Every field that differs, stored value first.
+        differences: String,
+    },
+    /// The job state says a reduce task is done but its output file is gone.
+    #[error("job state says the job is done but output {0} is missing")]
+    OutputMissing(PathBuf),
+    /// Setting up or using the network failed.
+    #[error("network: {0}")]
+    Net(#[from] NetError),
+    /// The coordinator stopped because its job state could not be persisted (fail-stop);
+    /// restart it to resume from the durable state.
+    #[error("coordinator stopped: {0}")]
+    Stopped(String),
+    /// The coordinator refused this worker (another application, or the coordinator failed).
+    #[error("the coordinator refused this worker: {reason}")]
+    Refused {
+        /// The coordinator's reason.
+        reason: String,
+    },
+    /// The coordinator was never reached.
+    #[error("no reply from the coordinator (node {node}) within {waited_ms} ms: {last_error}")]
+    CoordinatorUnreachable {
+        /// The coordinator's node id.
+        node: crate::NodeId,
+        /// How long the worker kept trying.
+        waited_ms: u64,
+        /// The last error of a call.
         last_error: String,
     },
 }

@@ -248,7 +248,7 @@ fn worker_loop(
 }
 
 /// Fails early, with the directory's name, if files cannot be created in `dir`.
-fn check_writable(dir: &Path) -> Result<(), MrError> {
+pub(crate) fn check_writable(dir: &Path) -> Result<(), MrError> {
     std::fs::create_dir_all(dir).map_err(|e| MrError::io("create directory", dir, e))?;
     tempfile::Builder::new()
         .prefix(TEMP_PREFIX)
@@ -259,7 +259,7 @@ fn check_writable(dir: &Path) -> Result<(), MrError> {
 
 /// Deletes every intermediate file any attempt of this job may have written, then the
 /// directory if it is empty. Failures only cost disk space, so they are logged, not returned.
-fn remove_intermediates(table: &TaskTable, dir: &Path) {
+pub(crate) fn remove_intermediates(table: &TaskTable, dir: &Path) {
     for map in 0..table.map_tasks() {
         let attempts = table
             .record(TaskId::Map(map))

@@ -1,4 +1,5 @@
-//! MapReduce: applications, the task table, task execution and an in-process executor.
+//! MapReduce: applications, the task table, task execution, an in-process executor, and the
+//! RPC coordinator and worker drivers.
 //!
 //! What this module owns:
 //! - the application interface ([`App`], [`Combiner`], [`Emitter`], [`Values`]), the built-in
@@ -10,11 +11,18 @@
 //!   combine table, partitioning by FNV-1a ([`partition`]), an external merge sort in reduce,
 //!   atomic renames so a crash never leaves partial output visible;
 //! - planning ([`plan_splits`]), the sequential reference ([`run_sequential`]) and the
-//!   in-process executor ([`run_job`]).
+//!   in-process executor ([`run_job`]);
+//! - the distributed drivers: the [`Coordinator`] (an RPC server over an [`Endpoint`] whose job
+//!   state is durable in an [`MrStorage`] store; see `coordinator.rs` for the durability rules)
+//!   and the worker loop ([`run_worker`]), speaking the protocol of [`RequestTask`],
+//!   [`CompleteTask`] and [`FailTask`].
 //!
-//! It must not touch: the network (the RPC coordinator and worker loop are drivers built on
-//! these pieces) or sled (durable job state persists [`TaskRecord`]s through the storage
-//! module).
+//! The table, task execution, planning and the in-process executor touch neither the network nor
+//! the store; only `coordinator.rs`, `worker.rs` and `job_store.rs` do, through [`Endpoint`] and
+//! the storage traits (never sled directly).
+//!
+//! [`Endpoint`]: crate::net::Endpoint
+//! [`MrStorage`]: crate::storage::MrStorage
 //!
 //! Files of a job: intermediate files `mr-<m>-<r>-a<attempt>` in
 //! [`ExecConfig::intermediate_dir`] (binary, length-prefixed, checksummed), outputs
@@ -44,24 +52,34 @@
 mod app;
 mod apps;
 mod config;
+mod coordinator;
 mod error;
 mod executor;
 mod format;
 mod hash;
+mod job_store;
 mod map_task;
+mod protocol;
 mod reduce_task;
 mod sequential;
 mod split;
 mod table;
 pub mod test_apps;
+mod worker;
 
 pub use app::{App, AppError, Combiner, Emitter, ValueSource, Values};
 pub use apps::{APP_NAMES, Indexer, WordCount, app_by_name, for_each_word};
 pub use config::ExecConfig;
+pub use coordinator::{Coordinator, CoordinatorConfig, JobReport, JobStart, TASK_STAT_VALUE_MAX};
 pub use error::MrError;
 pub use executor::{JobConfig, JobSummary, WORKERS_MAX, run_job, run_job_with};
 pub use hash::{FastBuildHasher, FastHasher, fnv1a32, partition};
+pub use job_store::JobSpec;
 pub use map_task::{intermediate_file_name, output_file_name, run_map};
+pub use protocol::{
+    APP_NAME_BYTES_MAX, COORDINATOR_NODE_ID, CompleteTask, FailTask, JobDirs, JobOutcome,
+    ReportReply, RequestTask, TaskReply,
+};
 pub use reduce_task::run_reduce;
 pub use sequential::run_sequential;
 pub use split::{MapSplit, plan_splits};
@@ -70,3 +88,4 @@ pub use table::{
     TASK_ERROR_BYTES_MAX, TableConfig, TaskId, TaskRecord, TaskState, TaskStats, TaskTable,
     TaskTableParts, WorkerId,
 };
+pub use worker::{WorkerConfig, WorkerExit, WorkerSummary, run_worker};

@@ -9,6 +9,7 @@
 //! | `early_exit` | map emits `(filename, 1)`; reduce sleeps 3 s for keys containing `sherlock` or `tom`, outputs the number of values |
 //! | `crash` | each map/reduce call exits the process with odds 1/3 and sleeps 0–10 s with odds 1/3; map emits `a` filename, `b` len(filename), `c` len(contents), `d` `xyzzy`; reduce joins the sorted values with spaces |
 //! | `nocrash` | `crash` without crashes or sleeps: the reference output for the crash scenario |
+//! | `slow_wc` | `wc` whose map sleeps 500 ms per call first (not from the lab: it keeps a job in its map phase long enough to kill the coordinator mid-job); output identical to `wc` |
 //!
 //! Marker files (`mr-worker-<phase>-<pid>-<slot>`, `mr-worker-jobcount-<pid>-<slot>-<n>`) live in
 //! [`TestAppEnv::marker_dir`]. A marker counts as a live worker while process `pid` exists, so
@@ -21,7 +22,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
 
-use super::app::{App, AppError, Emitter, Values};
+use super::app::{App, AppError, Combiner, Emitter, Values};
+use super::apps::WordCount;
 use super::error::MrError;
 
 /// Names accepted by [`test_app_by_name`].
@@ -32,6 +34,7 @@ pub const TEST_APP_NAMES: &[&str] = &[
     "early_exit",
     "crash",
     "nocrash",
+    "slow_wc",
 ];
 
 /// Environment variable naming the marker directory (default: the current directory).
@@ -105,6 +108,10 @@ pub fn test_app_by_name(name: &str, env: TestAppEnv) -> Result<Arc<dyn App>, MrE
         "early_exit" => Arc::new(EarlyExit { env }),
         "crash" => Arc::new(Crash { env, crash: true }),
         "nocrash" => Arc::new(Crash { env, crash: false }),
+        "slow_wc" => Arc::new(SlowWordCount {
+            env,
+            inner: WordCount,
+        }),
         _ => {
             return Err(MrError::UnknownApp {
                 name: name.to_string(),
@@ -379,6 +386,35 @@ impl App for Crash {
         self.maybe_crash();
         join_sorted(values, output);
         Ok(())
+    }
+}
+
+struct SlowWordCount {
+    env: TestAppEnv,
+    inner: WordCount,
+}
+
+impl App for SlowWordCount {
+    fn name(&self) -> &str {
+        "slow_wc"
+    }
+
+    fn map(&self, filename: &str, contents: &[u8], emit: &mut Emitter<'_>) -> Result<(), AppError> {
+        self.env.sleep_ms(500);
+        self.inner.map(filename, contents, emit)
+    }
+
+    fn reduce(
+        &self,
+        key: &[u8],
+        values: &mut Values<'_>,
+        output: &mut Vec<u8>,
+    ) -> Result<(), AppError> {
+        self.inner.reduce(key, values, output)
+    }
+
+    fn combiner(&self) -> Option<&dyn Combiner> {
+        self.inner.combiner()
     }
 }
 
