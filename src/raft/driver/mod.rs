@@ -75,7 +75,7 @@
 //! ```
 //! use bytes::Bytes;
 //! use raftkv::net::sim::{SimConfig, SimNetwork};
-//! use raftkv::raft::{Apply, NodeConfig, RaftNode};
+//! use raftkv::raft::{Apply, NodeConfig, RaftNode, Role};
 //! use raftkv::storage::{MemDisk, MemStore};
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
@@ -84,9 +84,7 @@
 //! let store = MemStore::open(&MemDisk::new())?;
 //! // A one-node cluster elects itself after an election timeout.
 //! let (node, mut applied) = RaftNode::start(1, &[1], NodeConfig::default(), store, network.add_node(1)?)?;
-//! while !node.state().1 {
-//!     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-//! }
+//! node.subscribe().wait_for(|status| status.role == Role::Leader).await?;
 //! let (index, _term) = node.propose(Bytes::from_static(b"x")).await?;
 //! match applied.recv().await {
 //!     Some(Apply::Entries(entries)) => assert_eq!(entries[0].index, index),

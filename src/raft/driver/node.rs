@@ -1,6 +1,6 @@
 //! [`RaftNode`]: the handle the embedding service uses.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use rand::SeedableRng;
@@ -88,21 +88,19 @@ impl RaftNode {
         let (control_sender, control) = mpsc::channel(config.control_queue_max);
         let (apply_sender, apply) = mpsc::channel(config.apply_channel_items_max);
         let (stop_sender, stop) = watch::channel(false);
-        let shared = Arc::new(Shared {
-            status: Mutex::new(Status {
-                id,
-                group: config.group,
-                term: core.term(),
-                role: core.role(),
-                leader: core.leader(),
-                commit_index: core.commit_index(),
-                applied_index: core.applied_index(),
-                last_index: core.last_index(),
-                snapshot_index: core.snapshot_meta().last_included_index,
-                stopped: None,
-                metrics: Metrics::default(),
-            }),
-        });
+        let shared: Arc<Shared> = Arc::new(watch::Sender::new(Status {
+            id,
+            group: config.group,
+            term: core.term(),
+            role: core.role(),
+            leader: core.leader(),
+            commit_index: core.commit_index(),
+            applied_index: core.applied_index(),
+            last_index: core.last_index(),
+            snapshot_index: core.snapshot_meta().last_included_index,
+            stopped: None,
+            metrics: Metrics::default(),
+        }));
         let group = config.group;
         let driver = Driver::new(
             core,
@@ -166,13 +164,21 @@ impl RaftNode {
     /// `(current term, whether this node believes it is the leader)`, as of
     /// the driver's last step.
     pub fn state(&self) -> (u64, bool) {
-        let status = self.inner.shared.status();
+        let status = self.inner.shared.borrow();
         (status.term, status.role == Role::Leader)
     }
 
     /// The node's full status as of the driver's last step.
     pub fn status(&self) -> Status {
-        self.inner.shared.status().clone()
+        self.inner.shared.borrow().clone()
+    }
+
+    /// A receiver of the node's status, marked changed whenever anything
+    /// but the [`Metrics`] changes (term, role, leader, indexes, stop).
+    /// Lets a caller wait for a condition without polling:
+    /// `node.subscribe().wait_for(|s| s.role == Role::Leader).await`.
+    pub fn subscribe(&self) -> watch::Receiver<Status> {
+        self.inner.shared.subscribe()
     }
 
     /// Linearizable read (ReadIndex): resolves to an index once a quorum has

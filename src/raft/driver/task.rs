@@ -3,7 +3,7 @@
 //! guarantees.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -43,21 +43,8 @@ pub(super) enum Control {
     },
 }
 
-/// State shared between the driver task and the handles.
-#[derive(Debug)]
-pub(super) struct Shared {
-    pub(super) status: Mutex<Status>,
-}
-
-impl Shared {
-    pub(super) fn status(&self) -> std::sync::MutexGuard<'_, Status> {
-        // A panic while holding this lock cannot leave a Status half written
-        // in a way that matters (plain fields), so recover from poisoning.
-        self.status
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
+/// The node's status, published by the driver and read by the handles.
+pub(super) type Shared = watch::Sender<Status>;
 
 /// The receiving ends the driver owns.
 pub(super) struct Inputs {
@@ -74,10 +61,14 @@ struct StopGuard {
 
 impl Drop for StopGuard {
     fn drop(&mut self) {
-        let mut status = self.shared.status();
-        if status.stopped.is_none() {
-            status.stopped = Some(StopReason::Panicked);
-        }
+        self.shared.send_if_modified(|status| {
+            if status.stopped.is_none() {
+                status.stopped = Some(StopReason::Panicked);
+                true
+            } else {
+                false
+            }
+        });
     }
 }
 
@@ -514,19 +505,43 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
         self.to_apply.clear();
     }
 
+    /// Publishes the status; watchers are woken only when something other
+    /// than the counters changed.
     fn publish_status(&self, stopped: Option<StopReason>) {
         let core = &self.core;
-        let mut status = self.shared.status();
-        status.term = core.term();
-        status.role = core.role();
-        status.leader = core.leader();
-        status.commit_index = core.commit_index();
-        status.applied_index = core.applied_index();
-        status.last_index = core.last_index();
-        status.snapshot_index = core.snapshot_meta().last_included_index;
-        status.metrics = self.metrics;
-        if stopped.is_some() {
-            status.stopped = stopped;
-        }
+        let metrics = self.metrics;
+        self.shared.send_if_modified(|status| {
+            let before = (
+                status.term,
+                status.role,
+                status.leader,
+                status.commit_index,
+                status.applied_index,
+                status.last_index,
+                status.snapshot_index,
+            );
+            status.term = core.term();
+            status.role = core.role();
+            status.leader = core.leader();
+            status.commit_index = core.commit_index();
+            status.applied_index = core.applied_index();
+            status.last_index = core.last_index();
+            status.snapshot_index = core.snapshot_meta().last_included_index;
+            status.metrics = metrics;
+            let after = (
+                status.term,
+                status.role,
+                status.leader,
+                status.commit_index,
+                status.applied_index,
+                status.last_index,
+                status.snapshot_index,
+            );
+            let stopping = stopped.is_some() && status.stopped.is_none();
+            if stopping {
+                status.stopped = stopped.clone();
+            }
+            before != after || stopping
+        });
     }
 }
