@@ -428,11 +428,9 @@ async fn count_3b() {
             continue;
         };
         let commands: Vec<u64> = (1..iters + 2).map(|_| lab.rand()).collect();
-        // The reference's Start returns without waiting for the network, so
-        // its consecutive Starts reach Raft together. Here every proposal is
-        // queued, in order, before the driver runs; then the answers are read.
-        let starts = commands.iter().map(|&x| lab.start_command(leader, int(x)));
-        let answers = join_all(starts).await;
+        let answers = lab
+            .start_commands_back_to_back(leader, commands.iter().map(|&x| int(x)).collect())
+            .await;
         for (i, answer) in (1..).zip(answers) {
             let Some((index, t)) = answer else {
                 // No longer the leader, so the term has changed.

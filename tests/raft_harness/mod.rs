@@ -316,6 +316,36 @@ impl Cluster {
         node.propose(command).await.ok()
     }
 
+    /// The reference's Starts issued back to back: every proposal is queued
+    /// on `server`, in order, before any answer is awaited (the reference's
+    /// Start returns without waiting for the network, so its consecutive
+    /// Starts reach Raft together). Answers in the same order.
+    pub async fn start_commands_back_to_back(
+        &self,
+        server: usize,
+        commands: Vec<Bytes>,
+    ) -> Vec<Option<(u64, u64)>> {
+        let Some(node) = self.node(server) else {
+            return vec![None; commands.len()];
+        };
+        let mut pending = Vec::with_capacity(commands.len());
+        for command in commands {
+            // One poll queues the proposal (unconstrained: tokio's
+            // cooperative budget could otherwise refuse the channel).
+            let mut proposal = Box::pin(tokio::task::unconstrained(node.propose(command)));
+            if let std::task::Poll::Ready(answer) = futures::poll!(proposal.as_mut()) {
+                pending.push(futures::future::Either::Left(std::future::ready(answer)));
+            } else {
+                pending.push(futures::future::Either::Right(proposal));
+            }
+        }
+        futures::future::join_all(pending)
+            .await
+            .into_iter()
+            .map(Result::ok)
+            .collect()
+    }
+
     /// The reference's `GetState` of a live server.
     pub fn state(&self, server: usize) -> Option<(u64, bool)> {
         self.node(server).map(|node| node.state())

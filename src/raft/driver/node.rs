@@ -71,7 +71,10 @@ impl RaftNode {
     /// committed entries after it are delivered again as the node learns the
     /// commit index anew, so the service must make applying idempotent by
     /// index (skip indexes it has already applied, e.g. when its own state is
-    /// durable).
+    /// durable). A leader learns the commit index only by committing an entry
+    /// of its own term and elections append none, so after a whole-cluster
+    /// restart those entries come back with the next proposal, or with a
+    /// [`read_index`](Self::read_index), which appends a no-op when needed.
     pub fn start<S: RaftLogStorage + 'static>(
         id: NodeId,
         voters: &[NodeId],
