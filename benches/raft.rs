@@ -102,7 +102,12 @@ fn start_node<S: RaftLogStorage + 'static>(
         sequence: (0..proposers).map(|_| AtomicU64::new(0)).collect(),
         notify: (0..proposers).map(|_| Notify::new()).collect(),
     });
-    tokio::spawn(service(node.clone(), applied, waiters.clone(), snapshot_every));
+    tokio::spawn(service(
+        node.clone(),
+        applied,
+        waiters.clone(),
+        snapshot_every,
+    ));
     (node, waiters)
 }
 
@@ -249,22 +254,18 @@ async fn run_case(case: Case) -> Outcome {
         .collect();
     tokio::time::sleep(warm_up).await;
     let leader_before = cluster.nodes[leader].status().metrics;
-    let followers_before = sum(
-        (0..3)
-            .filter(|&i| i != leader)
-            .map(|i| cluster.nodes[i].status().metrics),
-    );
+    let followers_before = sum((0..3)
+        .filter(|&i| i != leader)
+        .map(|i| cluster.nodes[i].status().metrics));
     measuring.store(true, Ordering::Relaxed);
     let begin = Instant::now();
     tokio::time::sleep(measure).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = begin.elapsed();
     let leader_after = cluster.nodes[leader].status().metrics;
-    let followers_after = sum(
-        (0..3)
-            .filter(|&i| i != leader)
-            .map(|i| cluster.nodes[i].status().metrics),
-    );
+    let followers_after = sum((0..3)
+        .filter(|&i| i != leader)
+        .map(|i| cluster.nodes[i].status().metrics));
     stop.store(true, Ordering::Relaxed);
     let mut commits = 0;
     let mut latency = Histogram::<u64>::new(3).expect("histogram");
@@ -274,7 +275,10 @@ async fn run_case(case: Case) -> Outcome {
         latency.add(histogram).expect("histograms add");
     }
     assert!(
-        cluster.nodes.iter().all(|n| n.status().role != Role::Leader || n.id() == node.id()),
+        cluster
+            .nodes
+            .iter()
+            .all(|n| n.status().role != Role::Leader || n.id() == node.id()),
         "leadership changed during the bench"
     );
     for node in &cluster.nodes {
@@ -324,7 +328,10 @@ fn main() {
     .expect("tokio runtime");
     let only = argument("--only");
     let snapshot_every: u64 = argument("--snapshot-every")
-        .map(|s| s.parse().expect("--snapshot-every takes a number of entries"))
+        .map(|s| {
+            s.parse()
+                .expect("--snapshot-every takes a number of entries")
+        })
         .unwrap_or(SNAPSHOT_EVERY_ENTRIES_DEFAULT);
     println!(
         "raft bench: 3 nodes in one process, {runtime_kind} runtime, {COMMAND_BYTES}-byte commands, \
@@ -334,7 +341,14 @@ fn main() {
     );
     println!(
         "{:<6} {:>10} {:>12} {:>10} {:>10} {:>16} {:>16} {:>16}",
-        "store", "proposers", "commits/s", "p50 us", "p99 us", "leader ent/flush", "follower ent/fl", "ent/append"
+        "store",
+        "proposers",
+        "commits/s",
+        "p50 us",
+        "p99 us",
+        "leader ent/flush",
+        "follower ent/fl",
+        "ent/append"
     );
     for kind in [StoreKind::Memory, StoreKind::Sled] {
         let name = match kind {
