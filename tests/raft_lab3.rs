@@ -415,6 +415,7 @@ async fn count_3b() {
     );
     let mut success = false;
     let mut total2 = 0;
+    let mut agreement = 0;
     'attempts: for attempt in 0..5 {
         if attempt > 0 {
             // Give the solution some time to settle.
@@ -464,6 +465,7 @@ async fn count_3b() {
         }
         total2 = lab.rpc_total();
         let used = total2 - total1;
+        agreement = used;
         assert!(
             used <= (iters + 1 + 3) * 3,
             "too many RPCs ({used}) for {iters} entries"
@@ -474,6 +476,10 @@ async fn count_3b() {
     assert!(success, "term changed too often");
     sleep(ELECTION_TIMEOUT).await;
     let total3 = lab.rpc_total();
+    eprintln!(
+        "count_3b: election {total1} RPCs, 11 agreements {agreement} RPCs, 1 s idle {} RPCs",
+        total3 - total2
+    );
     assert!(
         total3 - total2 <= 3 * 20,
         "too many RPCs ({}) for 1 second of idleness",
