@@ -1,7 +1,8 @@
 //! Raft consensus: a pure, deterministic protocol core (no clocks, threads,
 //! sockets or disk) and the driver that performs its I/O.
 //!
-//! Invariant: nothing under `raft/` except the driver imports sled or tokio.
+//! Invariant: nothing under `raft/` except the driver (`raft/driver/`)
+//! imports tokio, and nothing under `raft/` imports sled.
 //!
 //! # The core
 //!
@@ -43,9 +44,17 @@
 //!
 //! The core keeps the log suffix after the latest snapshot in memory, so the
 //! service bounds the core's memory by snapshotting regularly.
+//!
+//! # The driver
+//!
+//! [`RaftNode`] runs a core on tokio over any
+//! [`RaftLogStorage`](crate::storage::RaftLogStorage) and an
+//! [`Endpoint`](crate::net::Endpoint), with group commit and an apply
+//! channel; see the [`driver`] module.
 
 mod config;
 mod core;
+pub mod driver;
 mod error;
 mod log;
 mod message;
@@ -58,6 +67,10 @@ mod core_tests;
 
 pub use config::{Config, ConfigError};
 pub use core::{RaftCore, Role};
+pub use driver::{
+    Apply, CommittedEntry, Metrics, NodeConfig, NodeConfigError, NodeError, RaftEnvelope, RaftNode,
+    StartError, Status, StopReason,
+};
 pub use error::{NewError, ProposeError, ReadIndexError, SnapshotError, StepError, TransferError};
 pub use message::{AppendOutcome, Message, MessageBody};
 pub use ready::{ReadLost, ReadState, Ready};

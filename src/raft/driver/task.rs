@@ -1,0 +1,547 @@
+//! The driver task: the one place where a Raft core meets storage, the
+//! network and the clock. See the [module docs](super) for the loop and its
+//! guarantees.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::MissedTickBehavior;
+use tracing::{debug, error, trace, warn};
+
+use super::config::NodeConfig;
+use super::error::NodeError;
+use super::types::{Apply, CommittedEntry, Metrics, RaftEnvelope, Status, StopReason};
+use crate::NodeId;
+use crate::net::{Endpoint, Inbox};
+use crate::raft::{
+    EntryKind, MessageBody, ProposeError, RaftCore, ReadState, Ready, SnapshotError, TransferError,
+};
+use crate::storage::{GroupId, RaftLogStorage, StorageError, WriteBatch};
+
+/// A proposal waiting for the driver.
+pub(super) struct Proposal {
+    pub(super) data: Bytes,
+    pub(super) reply: oneshot::Sender<Result<(u64, u64), ProposeError>>,
+}
+
+/// A control request waiting for the driver.
+pub(super) enum Control {
+    ReadIndex {
+        reply: oneshot::Sender<Result<u64, NodeError>>,
+    },
+    Snapshot {
+        index: u64,
+        data: Bytes,
+        reply: oneshot::Sender<Result<(), SnapshotError>>,
+    },
+    TransferLeader {
+        to: NodeId,
+        reply: oneshot::Sender<Result<(), TransferError>>,
+    },
+}
+
+/// The node's status, published by the driver and read by the handles.
+pub(super) type Shared = watch::Sender<Status>;
+
+/// The receiving ends the driver owns.
+pub(super) struct Inputs {
+    pub(super) inbox: Inbox<RaftEnvelope>,
+    pub(super) proposals: mpsc::Receiver<Proposal>,
+    pub(super) control: mpsc::Receiver<Control>,
+    pub(super) stop: watch::Receiver<bool>,
+}
+
+/// Marks the status as stopped when the task ends, including by a panic.
+struct StopGuard {
+    shared: Arc<Shared>,
+}
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        self.shared.send_if_modified(|status| {
+            if status.stopped.is_none() {
+                status.stopped = Some(StopReason::Panicked);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// What woke the driver up.
+enum Input {
+    Stop(StopReason),
+    Control(Control),
+    Tick,
+    Delivered,
+    ApplyClosed,
+    Message(NodeId, RaftEnvelope),
+    Proposal(Proposal),
+}
+
+/// Outcome of waiting for the next input.
+enum Event {
+    Stop(StopReason),
+    Continue,
+}
+
+/// One node's driver: owns its core, its storage handle, its endpoint and
+/// the sending end of the apply channel.
+pub(super) struct Driver<S> {
+    core: RaftCore,
+    storage: S,
+    group: GroupId,
+    config: NodeConfig,
+    endpoint: Endpoint,
+    apply: mpsc::Sender<Apply>,
+    /// Apply items taken from Readies and not yet in the channel.
+    to_apply: VecDeque<Apply>,
+    apply_receiver_gone: bool,
+    /// Read-index requests handed to the core, by context.
+    reads: BTreeMap<u64, oneshot::Sender<Result<u64, NodeError>>>,
+    next_read_context: u64,
+    shared: Arc<Shared>,
+    metrics: Metrics,
+    /// Commits run under `block_in_place` (multi-thread runtime and configured so).
+    block_in_place: bool,
+}
+
+impl<S: RaftLogStorage + 'static> Driver<S> {
+    pub(super) fn new(
+        core: RaftCore,
+        storage: S,
+        config: NodeConfig,
+        endpoint: Endpoint,
+        apply: mpsc::Sender<Apply>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        let multi_thread = matches!(
+            tokio::runtime::Handle::current().runtime_flavor(),
+            tokio::runtime::RuntimeFlavor::MultiThread
+        );
+        Driver {
+            core,
+            storage,
+            group: config.group,
+            block_in_place: multi_thread && config.block_in_place_for_storage,
+            config,
+            endpoint,
+            apply,
+            to_apply: VecDeque::new(),
+            apply_receiver_gone: false,
+            reads: BTreeMap::new(),
+            next_read_context: 0,
+            shared,
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// Runs until stopped. The storage handle is dropped when this returns,
+    /// so once the task has finished this node writes nothing more.
+    pub(super) async fn run(mut self, mut inputs: Inputs) {
+        let _guard = StopGuard {
+            shared: self.shared.clone(),
+        };
+        let reason = self.run_loop(&mut inputs).await;
+        match &reason {
+            StopReason::StorageFailed(message) => {
+                error!(id = self.core.id(), group = self.group, %message, "raft node stopped: storage failed");
+            }
+            reason => debug!(
+                id = self.core.id(),
+                group = self.group,
+                ?reason,
+                "raft node stopped"
+            ),
+        }
+        self.publish_status(Some(reason));
+    }
+
+    async fn run_loop(&mut self, inputs: &mut Inputs) -> StopReason {
+        let period = Duration::from_millis(self.config.tick_interval_ms);
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // The first Ready (e.g. a snapshot to hand to the service after a restart).
+        if let Err(error) = self.handle_readies() {
+            return StopReason::StorageFailed(error.to_string());
+        }
+        self.publish_status(None);
+        loop {
+            self.offer_applies();
+            let paused = !self.to_apply.is_empty();
+            match self.wait(inputs, &mut ticker, paused).await {
+                Event::Stop(reason) => return reason,
+                Event::Continue => {}
+            }
+            // Group commit: everything already queued goes into the same Ready.
+            self.drain(inputs, paused);
+            if let Err(error) = self.handle_readies() {
+                return StopReason::StorageFailed(error.to_string());
+            }
+            self.publish_status(None);
+        }
+    }
+
+    /// Waits for one input and feeds it to the core. `biased` keeps the
+    /// order deterministic (no random branch choice) and puts ticks before
+    /// the message and proposal floods so time never starves.
+    async fn wait(
+        &mut self,
+        inputs: &mut Inputs,
+        ticker: &mut tokio::time::Interval,
+        paused: bool,
+    ) -> Event {
+        let can_deliver = paused && !self.apply_receiver_gone;
+        let input = tokio::select! {
+            biased;
+            changed = inputs.stop.changed() => {
+                // A dropped sender means every handle is gone.
+                Input::Stop(match changed {
+                    Ok(()) => StopReason::Shutdown,
+                    Err(_) => StopReason::HandlesDropped,
+                })
+            }
+            control = inputs.control.recv() => match control {
+                Some(control) => Input::Control(control),
+                None => Input::Stop(StopReason::HandlesDropped),
+            },
+            _ = ticker.tick(), if !paused => Input::Tick,
+            permit = self.apply.reserve(), if can_deliver => match permit {
+                Ok(permit) => {
+                    let item = self.to_apply.pop_front().expect("paused with an empty apply queue");
+                    permit.send(item);
+                    Input::Delivered
+                }
+                Err(_) => Input::ApplyClosed,
+            },
+            message = inputs.inbox.recv(), if !paused => match message {
+                Some((from, envelope)) => Input::Message(from, envelope),
+                None => Input::Stop(StopReason::TransportClosed),
+            },
+            proposal = inputs.proposals.recv(), if !paused => match proposal {
+                Some(proposal) => Input::Proposal(proposal),
+                None => Input::Stop(StopReason::HandlesDropped),
+            },
+        };
+        match input {
+            Input::Stop(reason) => return Event::Stop(reason),
+            Input::Control(control) => self.on_control(control),
+            Input::Tick => {
+                self.metrics.ticks += 1;
+                self.core.tick();
+            }
+            Input::Delivered => {}
+            Input::ApplyClosed => self.apply_receiver_dropped(),
+            Input::Message(from, envelope) => self.on_message(from, envelope),
+            Input::Proposal(proposal) => self.on_proposal(proposal),
+        }
+        Event::Continue
+    }
+
+    /// Feeds every input already queued to the core, at most
+    /// `inputs_per_ready_max` of them.
+    fn drain(&mut self, inputs: &mut Inputs, paused: bool) {
+        let mut budget = self.config.inputs_per_ready_max;
+        while budget > 0 {
+            let mut progressed = false;
+            if let Ok(control) = inputs.control.try_recv() {
+                self.on_control(control);
+                budget -= 1;
+                progressed = true;
+            }
+            if !paused {
+                if budget > 0 {
+                    if let Some((from, envelope)) = inputs.inbox.try_recv() {
+                        self.on_message(from, envelope);
+                        budget -= 1;
+                        progressed = true;
+                    }
+                }
+                if budget > 0 {
+                    if let Ok(proposal) = inputs.proposals.try_recv() {
+                        self.on_proposal(proposal);
+                        budget -= 1;
+                        progressed = true;
+                    }
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn on_message(&mut self, from: NodeId, envelope: RaftEnvelope) {
+        self.metrics.messages_received += 1;
+        if envelope.group != self.group {
+            self.metrics.messages_rejected += 1;
+            warn!(
+                id = self.core.id(),
+                from,
+                group = envelope.group,
+                expected = self.group,
+                "raft message for another group dropped"
+            );
+            return;
+        }
+        if envelope.message.from != from {
+            self.metrics.messages_rejected += 1;
+            warn!(
+                id = self.core.id(),
+                from,
+                claimed = envelope.message.from,
+                "raft message with a forged sender dropped"
+            );
+            return;
+        }
+        if let Err(error) = self.core.step(envelope.message) {
+            self.metrics.messages_rejected += 1;
+            warn!(id = self.core.id(), from, %error, "raft message refused");
+        }
+    }
+
+    fn on_proposal(&mut self, proposal: Proposal) {
+        let result = self.core.propose(proposal.data);
+        if result.is_ok() {
+            self.metrics.proposals_accepted += 1;
+        }
+        // The proposer may have given up waiting; nothing to do then.
+        let _ = proposal.reply.send(result);
+    }
+
+    fn on_control(&mut self, control: Control) {
+        match control {
+            Control::ReadIndex { reply } => {
+                let context = self.next_read_context;
+                self.next_read_context += 1;
+                match self.core.read_index(context) {
+                    Ok(()) => {
+                        self.reads.insert(context, reply);
+                    }
+                    Err(error) => {
+                        let _ = reply.send(Err(error.into()));
+                    }
+                }
+            }
+            Control::Snapshot { index, data, reply } => {
+                let _ = reply.send(self.core.snapshot(index, data));
+            }
+            Control::TransferLeader { to, reply } => {
+                let _ = reply.send(self.core.transfer_leader(to));
+            }
+        }
+    }
+
+    /// Hands every pending `Ready` through the contract: persist, send,
+    /// queue for applying, answer reads, advance.
+    fn handle_readies(&mut self) -> Result<(), StorageError> {
+        while self.core.has_ready() {
+            let ready = self.core.ready();
+            self.handle_ready(ready)?;
+        }
+        Ok(())
+    }
+
+    fn handle_ready(&mut self, mut ready: Ready) -> Result<(), StorageError> {
+        self.metrics.readies += 1;
+        // 1. Persist: one batch, one flush, before anything leaves the node.
+        let batch = self.persist_batch(&mut ready);
+        if !batch.is_empty() {
+            self.commit(batch)?;
+            self.metrics.flushes += 1;
+            let stored_last = self.storage.last_index(self.group)?;
+            assert_eq!(
+                stored_last,
+                self.core.last_index(),
+                "node {}: stored log does not end where the core's log ends after a commit",
+                self.core.id()
+            );
+        }
+        // 2. Send, only now that the Ready is durable.
+        for message in std::mem::take(&mut ready.messages) {
+            self.send(message);
+        }
+        // 3. Queue what the service must apply, and answer reads.
+        if let Some(snapshot) = ready.snapshot_to_apply.take() {
+            self.to_apply.push_back(Apply::Snapshot {
+                index: snapshot.meta.last_included_index,
+                term: snapshot.meta.last_included_term,
+                data: snapshot.data,
+            });
+        }
+        let committed = std::mem::take(&mut ready.committed_entries);
+        if !committed.is_empty() {
+            self.metrics.entries_applied += committed.len() as u64;
+            let entries = committed
+                .into_iter()
+                .map(|entry| CommittedEntry {
+                    index: entry.index,
+                    term: entry.term,
+                    data: match entry.kind {
+                        EntryKind::Normal => Some(entry.data),
+                        EntryKind::Noop => None,
+                    },
+                })
+                .collect();
+            self.to_apply.push_back(Apply::Entries(entries));
+        }
+        for read in std::mem::take(&mut ready.read_states) {
+            self.answer_read(read);
+        }
+        // 4. Advance.
+        self.core.advance(ready);
+        self.offer_applies();
+        Ok(())
+    }
+
+    /// Builds the write batch for a Ready's persistence step, in the order
+    /// the contract gives: snapshot, truncation, entries, hard state.
+    fn persist_batch(&mut self, ready: &mut Ready) -> WriteBatch {
+        let group = self.group;
+        let mut batch = WriteBatch::with_capacity(4);
+        if let Some(snapshot) = &ready.snapshot {
+            // Keeps the entries after the snapshot when the stored log has
+            // the snapshot's last entry with its term, otherwise drops the
+            // whole log (Figure 13, rules 6 and 7), exactly as the core did.
+            batch.install_snapshot(group, snapshot.meta, snapshot.data.clone());
+        }
+        if let Some(from) = ready.log_truncate_from {
+            let by_append = ready.entries.first().is_some_and(|e| e.index <= from);
+            let by_snapshot = ready
+                .snapshot
+                .as_ref()
+                .is_some_and(|s| s.meta.last_included_index + 1 == from);
+            if !by_append && !by_snapshot {
+                // Nothing in the batch replaces the stale suffix: re-append the
+                // entry before it, which deletes every stored entry after it.
+                let previous = self.core.entry(from - 1).cloned().unwrap_or_else(|| {
+                    panic!(
+                        "node {}: truncation from {from} with no entry before it and no snapshot ending there",
+                        self.core.id()
+                    )
+                });
+                batch.append(group, vec![previous]);
+            }
+        }
+        let entries = std::mem::take(&mut ready.entries);
+        if !entries.is_empty() {
+            self.metrics.entries_persisted += entries.len() as u64;
+            batch.append(group, entries);
+        }
+        if let Some(hard_state) = ready.hard_state {
+            batch.set_hard_state(group, hard_state);
+        }
+        batch
+    }
+
+    fn commit(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        if self.block_in_place {
+            tokio::task::block_in_place(|| self.storage.commit(batch))
+        } else {
+            self.storage.commit(batch)
+        }
+    }
+
+    fn send(&mut self, message: crate::raft::Message) {
+        if let MessageBody::Append { entries, .. } = &message.body {
+            if !entries.is_empty() {
+                self.metrics.append_messages_sent += 1;
+                self.metrics.append_entries_sent += entries.len() as u64;
+            }
+        }
+        let to = message.to;
+        let envelope = RaftEnvelope {
+            group: self.group,
+            message,
+        };
+        self.metrics.messages_sent += 1;
+        if let Err(error) = self.endpoint.send(to, &envelope) {
+            // Raft retransmits; a lost message only costs time.
+            self.metrics.send_failures += 1;
+            trace!(id = self.core.id(), to, %error, "raft message not sent");
+        }
+    }
+
+    fn answer_read(&mut self, read: ReadState) {
+        let Some(reply) = self.reads.remove(&read.context) else {
+            panic!(
+                "node {}: read state for unknown context {}",
+                self.core.id(),
+                read.context
+            );
+        };
+        let _ = reply.send(read.result.map_err(NodeError::from));
+    }
+
+    /// Moves queued apply items into the channel while it has room.
+    fn offer_applies(&mut self) {
+        while let Some(item) = self.to_apply.pop_front() {
+            if self.apply_receiver_gone {
+                continue;
+            }
+            match self.apply.try_send(item) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(item)) => {
+                    self.to_apply.push_front(item);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => self.apply_receiver_dropped(),
+            }
+        }
+    }
+
+    fn apply_receiver_dropped(&mut self) {
+        if !self.apply_receiver_gone {
+            warn!(
+                id = self.core.id(),
+                "apply receiver dropped: committed entries are discarded from now on"
+            );
+        }
+        self.apply_receiver_gone = true;
+        self.to_apply.clear();
+    }
+
+    /// Publishes the status; watchers are woken only when something other
+    /// than the counters changed.
+    fn publish_status(&self, stopped: Option<StopReason>) {
+        let core = &self.core;
+        let metrics = self.metrics;
+        self.shared.send_if_modified(|status| {
+            let before = (
+                status.term,
+                status.role,
+                status.leader,
+                status.commit_index,
+                status.applied_index,
+                status.last_index,
+                status.snapshot_index,
+            );
+            status.term = core.term();
+            status.role = core.role();
+            status.leader = core.leader();
+            status.commit_index = core.commit_index();
+            status.applied_index = core.applied_index();
+            status.last_index = core.last_index();
+            status.snapshot_index = core.snapshot_meta().last_included_index;
+            status.metrics = metrics;
+            let after = (
+                status.term,
+                status.role,
+                status.leader,
+                status.commit_index,
+                status.applied_index,
+                status.last_index,
+                status.snapshot_index,
+            );
+            let stopping = stopped.is_some() && status.stopped.is_none();
+            if stopping {
+                status.stopped = stopped.clone();
+            }
+            before != after || stopping
+        });
+    }
+}

@@ -1,0 +1,621 @@
+//! The node driver's own guarantees, beyond the Lab 3 scenarios: shutdown
+//! (no further writes, storage released, channel closed), bad network input,
+//! backpressure from a slow service, group commit, read index, leadership
+//! transfer, restart from a snapshot, fail-stop on storage errors, and a
+//! multi-thread runtime with sled. In-memory stores and the simulated
+//! network on tokio's paused clock unless said otherwise.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::join_all;
+use raftkv::NodeId;
+use raftkv::net::sim::{SimConfig, SimNetwork};
+use raftkv::net::{Endpoint, Message as _, MessageRole};
+use raftkv::raft::{
+    Apply, Entry, EntryKind, Message, MessageBody, NodeConfig, NodeError, ProposeError,
+    RaftEnvelope, RaftNode, ReadIndexError, Role, StopReason,
+};
+use raftkv::storage::{Limits, MemDisk, MemStore, RaftLogStorage, Store};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+/// A cluster of in-memory nodes with ids 1..=n.
+struct Cluster {
+    net: SimNetwork,
+    voters: Vec<NodeId>,
+    disks: Vec<MemDisk>,
+    nodes: Vec<Option<RaftNode>>,
+    applies: Vec<Option<mpsc::Receiver<Apply>>>,
+}
+
+fn config(id: NodeId) -> NodeConfig {
+    NodeConfig {
+        rng_seed: 1000 + id,
+        ..NodeConfig::default()
+    }
+}
+
+impl Cluster {
+    fn new(seed: u64, n: u64) -> Cluster {
+        let net = SimNetwork::new(SimConfig::new(seed));
+        let voters: Vec<NodeId> = (1..=n).collect();
+        let mut cluster = Cluster {
+            net,
+            voters: voters.clone(),
+            disks: voters.iter().map(|_| MemDisk::new()).collect(),
+            nodes: voters.iter().map(|_| None).collect(),
+            applies: voters.iter().map(|_| None).collect(),
+        };
+        for &id in &voters {
+            cluster.start(id, config(id));
+        }
+        cluster
+    }
+
+    fn start(&mut self, id: NodeId, config: NodeConfig) {
+        let slot = (id - 1) as usize;
+        let store = MemStore::open(&self.disks[slot]).expect("opening the memory store");
+        let endpoint = self.net.restart(id);
+        let (node, applied) =
+            RaftNode::start(id, &self.voters, config, store, endpoint).expect("starting a node");
+        self.nodes[slot] = Some(node);
+        self.applies[slot] = Some(applied);
+    }
+
+    fn node(&self, id: NodeId) -> &RaftNode {
+        self.nodes[(id - 1) as usize].as_ref().expect("node is up")
+    }
+
+    async fn leader(&self) -> NodeId {
+        for _ in 0..500 {
+            let leaders: Vec<NodeId> = self
+                .nodes
+                .iter()
+                .flatten()
+                .filter(|node| node.state().1)
+                .map(|node| node.id())
+                .collect();
+            if let [leader] = leaders[..] {
+                return leader;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no single leader within 5 s");
+    }
+
+    /// Reads the apply channel of `id` until it has applied `index`; returns
+    /// every item read.
+    async fn applied_through(&mut self, id: NodeId, index: u64) -> Vec<Apply> {
+        let receiver = self.applies[(id - 1) as usize]
+            .as_mut()
+            .expect("node is up");
+        let mut items = Vec::new();
+        let mut last = 0;
+        while last < index {
+            let item = timeout(Duration::from_secs(10), receiver.recv())
+                .await
+                .expect("applied within 10 s")
+                .expect("apply channel open");
+            last = match &item {
+                Apply::Entries(entries) => entries.last().expect("non-empty batch").index,
+                Apply::Snapshot { index, .. } => *index,
+            };
+            items.push(item);
+        }
+        items
+    }
+
+    async fn shutdown(&mut self) {
+        for node in self.nodes.iter_mut().filter_map(Option::take) {
+            node.shutdown().await;
+        }
+    }
+}
+
+fn entries_of(items: &[Apply]) -> Vec<(u64, Option<Bytes>)> {
+    items
+        .iter()
+        .flat_map(|item| match item {
+            Apply::Entries(entries) => entries
+                .iter()
+                .map(|e| (e.index, e.data.clone()))
+                .collect::<Vec<_>>(),
+            Apply::Snapshot { .. } => Vec::new(),
+        })
+        .collect()
+}
+
+fn command(i: u64) -> Bytes {
+    Bytes::from(format!("command {i}"))
+}
+
+// Proves shutdown stops the task for good: storage released (reopens at once), no writes afterwards, channel closed, requests fail with Stopped.
+#[tokio::test(start_paused = true)]
+async fn shutdown_releases_storage_and_stops_everything() {
+    let mut cluster = Cluster::new(1, 3);
+    let leader = cluster.leader().await;
+    let (index, _) = cluster.node(leader).propose(command(1)).await.unwrap();
+    cluster.applied_through(leader, index).await;
+    let node = cluster.node(leader).clone();
+    node.shutdown().await;
+    assert_eq!(node.status().stopped, Some(StopReason::Shutdown));
+    // The driver dropped its store: the disk is free to reopen right away,
+    // and stays exactly as it was while time passes.
+    let slot = (leader - 1) as usize;
+    let image = cluster.disks[slot].fork();
+    let size = cluster.disks[slot].size_bytes();
+    let reopened = MemStore::open(&cluster.disks[slot]).expect("storage released by shutdown");
+    drop(reopened);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(cluster.disks[slot].size_bytes(), size);
+    let store = MemStore::open(&image).unwrap();
+    assert_eq!(store.last_index(0).unwrap(), index);
+    // The apply channel closes once drained; requests fail.
+    let receiver = cluster.applies[slot].as_mut().unwrap();
+    while receiver.recv().await.is_some() {}
+    assert_eq!(node.propose(command(2)).await, Err(NodeError::Stopped));
+    assert_eq!(node.read_index().await, Err(NodeError::Stopped));
+    assert_eq!(
+        node.snapshot(1, Bytes::new()).await,
+        Err(NodeError::Stopped)
+    );
+    // Idempotent.
+    node.shutdown().await;
+    cluster.shutdown().await;
+}
+
+// Proves garbage, foreign-group, forged and malformed messages are counted and dropped, and the cluster keeps committing.
+#[tokio::test(start_paused = true)]
+async fn bad_network_input_is_dropped_without_panic() {
+    let net = SimNetwork::new(SimConfig::new(2));
+    let voters = [1, 2, 3];
+    let mut nodes = Vec::new();
+    let mut applies = Vec::new();
+    for id in [1, 2] {
+        let store = MemStore::open(&MemDisk::new()).unwrap();
+        let (node, applied) =
+            RaftNode::start(id, &voters, config(id), store, net.add_node(id).unwrap()).unwrap();
+        nodes.push(node);
+        applies.push(applied);
+    }
+    // Voter 3 is an attacker speaking with a legitimate id.
+    let attacker: Endpoint = net.add_node(3).unwrap();
+    let leader = loop {
+        if let Some(node) = nodes.iter().find(|n| n.state().1) {
+            break node.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let target = leader.id();
+    let term = leader.state().0;
+    let before = leader.status().metrics.messages_rejected;
+    let envelope = |group, message: Message| RaftEnvelope { group, message };
+    let heartbeat = |from, to| Message {
+        from,
+        to,
+        term,
+        body: MessageBody::Heartbeat {
+            leader_commit: 0,
+            read_round: 0,
+        },
+    };
+    // Undecodable bytes: dropped by the inbox (not even counted as received).
+    attacker
+        .transport()
+        .send(
+            target,
+            RaftEnvelope::KIND,
+            Bytes::from_static(b"\xff\xff\xff garbage"),
+            MessageRole::Request,
+        )
+        .unwrap();
+    // Another group.
+    attacker
+        .send(target, &envelope(7, heartbeat(3, target)))
+        .unwrap();
+    // A forged sender (claims to be the other node).
+    let other = 3 - target;
+    attacker
+        .send(target, &envelope(0, heartbeat(other, target)))
+        .unwrap();
+    // Addressed to someone else.
+    attacker
+        .send(target, &envelope(0, heartbeat(3, other)))
+        .unwrap();
+    // Entries that are not contiguous.
+    let entry = |index| Entry {
+        index,
+        term,
+        kind: EntryKind::Normal,
+        data: Bytes::from_static(b"x"),
+    };
+    let malformed = Message {
+        from: 3,
+        to: target,
+        term,
+        body: MessageBody::Append {
+            prev_log_index: 0,
+            prev_log_term: 0,
+            entries: vec![entry(1), entry(5)],
+            leader_commit: 0,
+        },
+    };
+    attacker.send(target, &envelope(0, malformed)).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rejected = leader.status().metrics.messages_rejected - before;
+    assert_eq!(rejected, 4, "four decodable bad messages refused");
+    // Still leading and committing.
+    assert!(leader.state().1);
+    let (index, _) = leader.propose(command(1)).await.unwrap();
+    let receiver = &mut applies[(target - 1) as usize];
+    let item = timeout(Duration::from_secs(5), receiver.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(entries_of(&[item]), vec![(index, Some(command(1)))]);
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+// Proves a full apply channel pauses ticks, messages and proposals but still serves snapshots, and everything resumes in order once the service reads.
+#[tokio::test(start_paused = true)]
+async fn full_apply_channel_pauses_the_driver() {
+    let store = MemStore::open(&MemDisk::new()).unwrap();
+    let net = SimNetwork::new(SimConfig::new(3));
+    let config = NodeConfig {
+        apply_channel_items_max: 1,
+        ..config(1)
+    };
+    let (node, mut applied) =
+        RaftNode::start(1, &[1], config, store, net.add_node(1).unwrap()).unwrap();
+    node.subscribe()
+        .wait_for(|s| s.role == Role::Leader)
+        .await
+        .unwrap();
+    // Entry 1 fills the channel, entry 2 waits in the driver: paused.
+    node.propose(command(1)).await.unwrap();
+    node.propose(command(2)).await.unwrap();
+    node.subscribe()
+        .wait_for(|s| s.applied_index == 2)
+        .await
+        .unwrap();
+    let ticks = node.status().metrics.ticks;
+    let third = tokio::spawn({
+        let node = node.clone();
+        async move { node.propose(command(3)).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!third.is_finished(), "a paused driver took a proposal");
+    assert_eq!(node.status().metrics.ticks, ticks, "a paused driver ticked");
+    // Control requests are served while paused: a service may snapshot from its apply loop.
+    node.snapshot(1, Bytes::from_static(b"state at 1"))
+        .await
+        .unwrap();
+    // Reading resumes the driver.
+    let mut items = vec![applied.recv().await.unwrap()];
+    let (index, _) = third.await.unwrap().unwrap();
+    assert_eq!(index, 3);
+    while entries_of(&items).len() < 3 {
+        items.push(applied.recv().await.unwrap());
+    }
+    assert_eq!(
+        entries_of(&items),
+        vec![
+            (1, Some(command(1))),
+            (2, Some(command(2))),
+            (3, Some(command(3)))
+        ]
+    );
+    assert!(node.status().metrics.ticks > ticks);
+    assert_eq!(node.status().snapshot_index, 1);
+    node.shutdown().await;
+}
+
+// Proves group commit: 200 proposals queued together cost the leader one flush and one append per follower, and apply in order everywhere.
+#[tokio::test(start_paused = true)]
+async fn queued_proposals_share_one_flush() {
+    let mut cluster = Cluster::new(4, 3);
+    let leader = cluster.leader().await;
+    let node = cluster.node(leader).clone();
+    let before = node.status().metrics;
+    // Queue all 200, in order, before the driver runs: one poll each
+    // (unconstrained: tokio's cooperative budget would otherwise refuse
+    // the channel after 128 operations in one poll of the test).
+    let mut pending = Vec::new();
+    for i in 0..200 {
+        let mut proposal = Box::pin(tokio::task::unconstrained(node.propose(command(i))));
+        assert!(futures::poll!(proposal.as_mut()).is_pending());
+        pending.push(proposal);
+    }
+    let answers: Vec<(u64, u64)> = join_all(pending)
+        .await
+        .into_iter()
+        .map(|a| a.unwrap())
+        .collect();
+    let first = answers[0].0;
+    for (i, (index, _)) in answers.iter().enumerate() {
+        assert_eq!(*index, first + i as u64, "proposals keep their order");
+    }
+    let last = answers[199].0;
+    let expected: Vec<_> = (0..200).map(|i| (first + i, Some(command(i)))).collect();
+    for id in 1..=3 {
+        let items = cluster.applied_through(id, last).await;
+        let applied: Vec<_> = entries_of(&items)
+            .into_iter()
+            .filter(|(index, _)| *index >= first)
+            .collect();
+        assert_eq!(
+            applied, expected,
+            "node {id} applied the proposals in order"
+        );
+    }
+    let after = node.status().metrics;
+    assert_eq!(after.entries_persisted - before.entries_persisted, 200);
+    assert_eq!(after.flushes - before.flushes, 1, "one flush for the batch");
+    assert_eq!(
+        after.append_messages_sent - before.append_messages_sent,
+        2,
+        "one append per follower"
+    );
+    assert_eq!(after.append_entries_sent - before.append_entries_sent, 400);
+    cluster.shutdown().await;
+}
+
+// Proves read_index answers on the leader with an index covering its commits, redirects on a follower, and reports lost leadership.
+#[tokio::test(start_paused = true)]
+async fn read_index_on_leader_follower_and_lost_leader() {
+    let mut cluster = Cluster::new(5, 3);
+    let leader = cluster.leader().await;
+    let (index, _) = cluster.node(leader).propose(command(1)).await.unwrap();
+    cluster.applied_through(leader, index).await;
+    let read = cluster.node(leader).read_index().await.unwrap();
+    assert!(read >= index, "read index {read} below committed {index}");
+    let follower = (leader % 3) + 1;
+    let error = cluster.node(follower).read_index().await.unwrap_err();
+    assert_eq!(
+        error,
+        NodeError::ReadIndex(ReadIndexError::NotLeader {
+            leader_hint: Some(leader)
+        })
+    );
+    assert_eq!(error.not_leader(), Some(Some(leader)));
+    // Cut the leader off: a read it accepts can never be confirmed; it
+    // fails once check-quorum makes the leader step down.
+    cluster.net.disconnect(leader);
+    let pending = cluster.node(leader).read_index();
+    let error = timeout(Duration::from_secs(5), pending)
+        .await
+        .expect("answered within 5 s")
+        .unwrap_err();
+    assert!(error.not_leader().is_some(), "unexpected {error:?}");
+    cluster.shutdown().await;
+}
+
+// Proves transfer_leader hands leadership to the chosen follower, and the old leader refuses proposals with a hint.
+#[tokio::test(start_paused = true)]
+async fn transfer_leader_moves_leadership() {
+    let mut cluster = Cluster::new(6, 3);
+    let leader = cluster.leader().await;
+    let target = (leader % 3) + 1;
+    cluster.node(leader).transfer_leader(target).await.unwrap();
+    timeout(
+        Duration::from_secs(5),
+        cluster
+            .node(target)
+            .subscribe()
+            .wait_for(|s| s.role == Role::Leader),
+    )
+    .await
+    .expect("transfer within 5 s")
+    .unwrap();
+    cluster
+        .node(leader)
+        .subscribe()
+        .wait_for(|s| s.leader == Some(target))
+        .await
+        .unwrap();
+    let error = cluster.node(leader).propose(command(1)).await.unwrap_err();
+    assert_eq!(
+        error,
+        NodeError::Propose(ProposeError::NotLeader {
+            leader_hint: Some(target)
+        })
+    );
+    cluster.shutdown().await;
+}
+
+// Proves a restarted node hands its persisted snapshot to the service first, then re-applies the committed entries after it.
+#[tokio::test(start_paused = true)]
+async fn restart_delivers_snapshot_then_entries() {
+    let mut cluster = Cluster::new(7, 3);
+    let leader = cluster.leader().await;
+    let mut last = 0;
+    for i in 1..=20 {
+        last = cluster.node(leader).propose(command(i)).await.unwrap().0;
+    }
+    for id in 1..=3 {
+        cluster.applied_through(id, last).await;
+        cluster
+            .node(id)
+            .snapshot(10, Bytes::from_static(b"state through 10"))
+            .await
+            .unwrap();
+    }
+    // Wait until every node has made the snapshot durable, then crash all
+    // (a crash keeps exactly what was committed to the disk).
+    for id in 1..=3 {
+        let store = cluster.node(id).clone();
+        store
+            .subscribe()
+            .wait_for(|s| s.snapshot_index == 10)
+            .await
+            .unwrap();
+    }
+    cluster.shutdown().await;
+    for slot in 0..3 {
+        cluster.disks[slot] = cluster.disks[slot].fork();
+    }
+    for id in 1..=3 {
+        cluster.start(id, config(id));
+    }
+    // Entries 11..=20 are committed, but a new leader learns that only by
+    // committing an entry of its own term: a read-index request makes it
+    // append a no-op, which every node then applies as `data: None`.
+    let leader = cluster.leader().await;
+    let read = cluster.node(leader).read_index().await.unwrap();
+    assert_eq!(read, 21, "the no-op follows the 20 entries");
+    for id in 1..=3 {
+        let items = cluster.applied_through(id, read).await;
+        assert_eq!(
+            items[0],
+            Apply::Snapshot {
+                index: 10,
+                term: items_term(&items),
+                data: Bytes::from_static(b"state through 10"),
+            },
+            "node {id} starts from its snapshot"
+        );
+        let mut expected: Vec<_> = (11..=20).map(|i| (i, Some(command(i)))).collect();
+        expected.push((21, None));
+        assert_eq!(
+            entries_of(&items[1..]),
+            expected,
+            "node {id} re-applies after the snapshot, then the no-op"
+        );
+    }
+    cluster.shutdown().await;
+}
+
+fn items_term(items: &[Apply]) -> u64 {
+    match &items[0] {
+        Apply::Snapshot { term, .. } => *term,
+        Apply::Entries(_) => 0,
+    }
+}
+
+// Proves a failing storage commit stops the node (fail-stop) with StorageFailed instead of panicking or running on.
+#[tokio::test(start_paused = true)]
+async fn storage_failure_stops_the_node() {
+    let limits = Limits {
+        entry_bytes_max: 16,
+        ..Limits::default()
+    };
+    let store = MemStore::open_with(&MemDisk::new(), limits).unwrap();
+    let net = SimNetwork::new(SimConfig::new(8));
+    let (node, mut applied) =
+        RaftNode::start(1, &[1], config(1), store, net.add_node(1).unwrap()).unwrap();
+    let mut status = node.subscribe();
+    status.wait_for(|s| s.role == Role::Leader).await.unwrap();
+    // The core accepts it, the store refuses to write it.
+    node.propose(Bytes::from(vec![7u8; 100])).await.unwrap();
+    let stopped = status
+        .wait_for(|s| s.stopped.is_some())
+        .await
+        .unwrap()
+        .stopped
+        .clone();
+    assert!(
+        matches!(stopped, Some(StopReason::StorageFailed(_))),
+        "stopped with {stopped:?}"
+    );
+    assert_eq!(
+        applied.recv().await,
+        None,
+        "nothing applied, channel closed"
+    );
+    assert_eq!(node.propose(command(1)).await, Err(NodeError::Stopped));
+    node.shutdown().await;
+}
+
+// Proves the node stops by itself when its transport goes away (a simulated crash).
+#[tokio::test(start_paused = true)]
+async fn transport_closing_stops_the_node() {
+    let mut cluster = Cluster::new(9, 3);
+    let leader = cluster.leader().await;
+    cluster.net.crash(leader);
+    let stopped = cluster
+        .node(leader)
+        .subscribe()
+        .wait_for(|s| s.stopped.is_some())
+        .await
+        .unwrap()
+        .stopped
+        .clone();
+    assert_eq!(stopped, Some(StopReason::TransportClosed));
+    cluster.shutdown().await;
+}
+
+// Proves the driver works on a multi-thread runtime with sled stores (commits under block_in_place), in real time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_thread_runtime_with_sled_stores() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let net = SimNetwork::new(SimConfig::new(10));
+    let voters = [1, 2, 3];
+    let mut nodes = Vec::new();
+    let mut applies = Vec::new();
+    for id in 1..=3u64 {
+        let store = Store::open(dirs[(id - 1) as usize].path()).unwrap();
+        let (node, applied) =
+            RaftNode::start(id, &voters, config(id), store, net.add_node(id).unwrap()).unwrap();
+        nodes.push(node);
+        applies.push(applied);
+    }
+    let logs = timeout(Duration::from_secs(60), async {
+        // Wait for a leader through status changes (no polling).
+        let mut changes: Vec<_> = nodes.iter().map(|n| n.subscribe()).collect();
+        let leader = loop {
+            if let Some(node) = nodes.iter().find(|n| n.state().1) {
+                break node.clone();
+            }
+            let waits = changes.iter_mut().map(|c| Box::pin(c.changed()));
+            futures::future::select_all(waits).await.0.unwrap();
+        };
+        let answers: Vec<(u64, u64)> = join_all((0..50).map(|i| leader.propose(command(i))))
+            .await
+            .into_iter()
+            .map(|a| a.expect("a fresh leader accepts 50 queued proposals"))
+            .collect();
+        let last = answers[49].0;
+        let mut logs = Vec::new();
+        for receiver in &mut applies {
+            let mut log = Vec::new();
+            while log.last().is_none_or(|(index, _)| *index < last) {
+                match receiver.recv().await.expect("channel open") {
+                    Apply::Entries(entries) => {
+                        log.extend(entries.into_iter().map(|e| (e.index, e.data)))
+                    }
+                    Apply::Snapshot { .. } => panic!("no snapshot was made"),
+                }
+            }
+            log.truncate(last as usize);
+            logs.push(log);
+        }
+        (answers, logs)
+    })
+    .await
+    .expect("a multi-thread cluster commits 50 entries within 60 s");
+    let (answers, logs) = logs;
+    assert_eq!(logs[0], logs[1]);
+    assert_eq!(logs[1], logs[2]);
+    // Unless leadership changed on the real clock meanwhile, the commands
+    // are at the indexes the leader gave.
+    let term = answers[0].1;
+    if nodes.iter().all(|n| n.state().0 == term) {
+        for (i, (index, _)) in answers.iter().enumerate() {
+            assert_eq!(
+                logs[0][(*index - 1) as usize],
+                (*index, Some(command(i as u64)))
+            );
+        }
+    }
+    for node in &nodes {
+        node.shutdown().await;
+    }
+    for dir in &dirs {
+        // Storage released: the directory reopens at once.
+        let store = Store::open(dir.path()).expect("released by shutdown");
+        assert!(store.last_index(0).unwrap() >= 50);
+    }
+}
