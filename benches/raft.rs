@@ -10,9 +10,13 @@
 //! the real `Endpoint`/`Transport` interfaces. Batching is read from the
 //! drivers' counters: entries per flush and entries per append message.
 //!
+//! Runtimes (all three by default; `--runtime R` picks one): `current`,
+//! everything on one current-thread runtime; `per-node`, one current-thread
+//! runtime on its own OS thread per node (proposers next to the leader);
+//! `multi`, one work-stealing runtime with 2 workers.
+//!
 //! Run: `cargo bench --bench raft` (`-- --seconds S` sets the measured
-//! time per case, default 5; `--runtime current|multi` picks the tokio
-//! runtime, default `multi` with 2 workers; `--only mem|sled` one store;
+//! time per case, default 5; `--runtime current|per-node|multi`; `--only mem|sled` one store;
 //! `--snapshot-every N` the service's snapshot period, default 10,000
 //! entries, 0 = never).
 //! `cargo test --benches` runs each case for a moment as a smoke test.
@@ -79,10 +83,15 @@ async fn service(
 struct Cluster {
     nodes: Vec<RaftNode>,
     waiters: Vec<Arc<Applied>>,
+    /// The runtime each node's driver and service run on.
+    handles: Vec<tokio::runtime::Handle>,
+    /// Declared before the directories: stopped first.
+    _runtimes: Vec<NodeRuntime>,
     _dirs: Vec<tempfile::TempDir>,
 }
 
 fn start_node<S: RaftLogStorage + 'static>(
+    runtime: &tokio::runtime::Handle,
     net: &SimNetwork,
     id: NodeId,
     storage: S,
@@ -96,13 +105,15 @@ fn start_node<S: RaftLogStorage + 'static>(
         ..NodeConfig::default()
     };
     let endpoint = net.add_node(id).expect("adding a node");
+    // The driver task runs on the node's runtime.
+    let _entered = runtime.enter();
     let (node, applied) =
         RaftNode::start(id, &VOTERS, config, storage, endpoint).expect("starting a node");
     let waiters = Arc::new(Applied {
         sequence: (0..proposers).map(|_| AtomicU64::new(0)).collect(),
         notify: (0..proposers).map(|_| Notify::new()).collect(),
     });
-    tokio::spawn(service(
+    runtime.spawn(service(
         node.clone(),
         applied,
         waiters.clone(),
@@ -111,30 +122,88 @@ fn start_node<S: RaftLogStorage + 'static>(
     (node, waiters)
 }
 
-async fn cluster(kind: StoreKind, proposers: usize, snapshot_every: u64) -> Cluster {
+/// A current-thread runtime on its own OS thread, for one node.
+struct NodeRuntime {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NodeRuntime {
+    fn start(name: String) -> NodeRuntime {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("node runtime");
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                let _ = runtime.block_on(stopped);
+            })
+            .expect("node thread");
+        NodeRuntime {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for NodeRuntime {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn cluster(
+    kind: StoreKind,
+    proposers: usize,
+    snapshot_every: u64,
+    runtime_per_node: bool,
+) -> Cluster {
     let net = SimNetwork::new(SimConfig::new(1));
     let mut nodes = Vec::new();
     let mut waiters = Vec::new();
     let mut dirs = Vec::new();
+    let mut runtimes = Vec::new();
+    let mut handles = Vec::new();
     for id in VOTERS {
+        let handle = if runtime_per_node {
+            let runtime = NodeRuntime::start(format!("node-{id}"));
+            let handle = runtime.handle.clone();
+            runtimes.push(runtime);
+            handle
+        } else {
+            tokio::runtime::Handle::current()
+        };
         let (node, applied) = match kind {
             StoreKind::Memory => {
                 let store = MemStore::open(&MemDisk::new()).expect("memory store");
-                start_node(&net, id, store, false, proposers, snapshot_every)
+                start_node(&handle, &net, id, store, false, proposers, snapshot_every)
             }
             StoreKind::Sled => {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let store = Store::open(dir.path()).expect("sled store");
                 dirs.push(dir);
-                start_node(&net, id, store, true, proposers, snapshot_every)
+                start_node(&handle, &net, id, store, true, proposers, snapshot_every)
             }
         };
         nodes.push(node);
         waiters.push(applied);
+        handles.push(handle);
     }
     Cluster {
         nodes,
         waiters,
+        handles,
+        _runtimes: runtimes,
         _dirs: dirs,
     }
 }
@@ -225,6 +294,7 @@ struct Case {
     warm_up: Duration,
     measure: Duration,
     snapshot_every: u64,
+    runtime_per_node: bool,
 }
 
 async fn run_case(case: Case) -> Outcome {
@@ -234,8 +304,9 @@ async fn run_case(case: Case) -> Outcome {
         warm_up,
         measure,
         snapshot_every,
+        runtime_per_node,
     } = case;
-    let cluster = cluster(kind, proposers, snapshot_every).await;
+    let cluster = cluster(kind, proposers, snapshot_every, runtime_per_node).await;
     let leader = cluster.leader().await;
     let node = cluster.nodes[leader].clone();
     let waiters = cluster.waiters[leader].clone();
@@ -243,7 +314,8 @@ async fn run_case(case: Case) -> Outcome {
     let stop = Arc::new(AtomicBool::new(false));
     let tasks: Vec<_> = (0..proposers)
         .map(|me| {
-            tokio::spawn(proposer(
+            // Proposers run next to the leader, like the clients of its service.
+            cluster.handles[leader].spawn(proposer(
                 me,
                 node.clone(),
                 waiters.clone(),
@@ -302,7 +374,7 @@ fn argument(name: &str) -> Option<String> {
 
 fn main() {
     // `cargo test --benches` passes `--test`: run each case briefly.
-    let smoke = std::env::args().any(|a| a == "--test" || a == "--list");
+    let smoke = std::env::args().any(|a| a == "--test");
     if std::env::args().any(|a| a == "--list") {
         return;
     }
@@ -314,18 +386,10 @@ fn main() {
     } else {
         (Duration::from_secs(1), Duration::from_secs_f64(seconds))
     };
-    let runtime_kind = argument("--runtime").unwrap_or_else(|| "multi".to_string());
-    let runtime = match runtime_kind.as_str() {
-        "current" => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        "multi" => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build(),
-        other => panic!("--runtime current|multi, not {other}"),
-    }
-    .expect("tokio runtime");
+    let runtimes: Vec<String> = match argument("--runtime") {
+        Some(kind) => vec![kind],
+        None => ["current", "per-node", "multi"].map(String::from).to_vec(),
+    };
     let only = argument("--only");
     let snapshot_every: u64 = argument("--snapshot-every")
         .map(|s| {
@@ -334,50 +398,73 @@ fn main() {
         })
         .unwrap_or(SNAPSHOT_EVERY_ENTRIES_DEFAULT);
     println!(
-        "raft bench: 3 nodes in one process, {runtime_kind} runtime, {COMMAND_BYTES}-byte commands, \
-         snapshot every {snapshot_every} entries, {:.1} s per case after {:.1} s warm-up",
+        "raft bench: 3 nodes in one process, {COMMAND_BYTES}-byte commands, snapshot every \
+         {snapshot_every} entries, {:.1} s per case after {:.1} s warm-up",
         measure.as_secs_f64(),
         warm_up.as_secs_f64()
     );
     println!(
-        "{:<6} {:>10} {:>12} {:>10} {:>10} {:>16} {:>16} {:>16}",
+        "{:<9} {:<5} {:>9} {:>10} {:>9} {:>9} {:>12} {:>12} {:>10}",
+        "runtime",
         "store",
         "proposers",
         "commits/s",
         "p50 us",
         "p99 us",
-        "leader ent/flush",
-        "follower ent/fl",
-        "ent/append"
+        "leader e/fl",
+        "follower e/fl",
+        "e/append"
     );
-    for kind in [StoreKind::Memory, StoreKind::Sled] {
-        let name = match kind {
-            StoreKind::Memory => "mem",
-            StoreKind::Sled => "sled",
-        };
-        if only.as_deref().is_some_and(|o| o != name) {
-            continue;
+    for runtime_kind in &runtimes {
+        let runtime_per_node = runtime_kind == "per-node";
+        let runtime = match runtime_kind.as_str() {
+            // One thread for everything.
+            "current" => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+            // One thread per node (the bench itself on the main thread).
+            "per-node" => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+            // A work-stealing runtime with 2 workers for everything.
+            "multi" => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build(),
+            other => panic!("--runtime current|per-node|multi, not {other}"),
         }
-        for proposers in [1, 64] {
-            let outcome = runtime.block_on(run_case(Case {
-                kind,
-                proposers,
-                warm_up,
-                measure,
-                snapshot_every,
-            }));
-            let rate = outcome.commits as f64 / outcome.elapsed.as_secs_f64();
-            println!(
-                "{:<6} {:>10} {:>12.0} {:>10.1} {:>10.1} {:>16.1} {:>16.1} {:>16.1}",
-                name,
-                proposers,
-                rate,
-                outcome.latency.value_at_quantile(0.50) as f64 / 1000.0,
-                outcome.latency.value_at_quantile(0.99) as f64 / 1000.0,
-                outcome.leader.entries_per_flush(),
-                outcome.followers.entries_per_flush(),
-                outcome.leader.entries_per_append(),
-            );
+        .expect("tokio runtime");
+        for kind in [StoreKind::Memory, StoreKind::Sled] {
+            let name = match kind {
+                StoreKind::Memory => "mem",
+                StoreKind::Sled => "sled",
+            };
+            if only.as_deref().is_some_and(|o| o != name) {
+                continue;
+            }
+            for proposers in [1, 64] {
+                let outcome = runtime.block_on(run_case(Case {
+                    kind,
+                    proposers,
+                    warm_up,
+                    measure,
+                    snapshot_every,
+                    runtime_per_node,
+                }));
+                let rate = outcome.commits as f64 / outcome.elapsed.as_secs_f64();
+                println!(
+                    "{:<9} {:<5} {:>9} {:>10.0} {:>9.1} {:>9.1} {:>12.1} {:>12.1} {:>10.1}",
+                    runtime_kind,
+                    name,
+                    proposers,
+                    rate,
+                    outcome.latency.value_at_quantile(0.50) as f64 / 1000.0,
+                    outcome.latency.value_at_quantile(0.99) as f64 / 1000.0,
+                    outcome.leader.entries_per_flush(),
+                    outcome.followers.entries_per_flush(),
+                    outcome.leader.entries_per_append(),
+                );
+            }
         }
     }
 }

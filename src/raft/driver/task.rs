@@ -17,7 +17,8 @@ use super::types::{Apply, CommittedEntry, Metrics, RaftEnvelope, Status, StopRea
 use crate::NodeId;
 use crate::net::{Endpoint, Inbox};
 use crate::raft::{
-    EntryKind, MessageBody, ProposeError, RaftCore, ReadState, Ready, SnapshotError, TransferError,
+    Entry, EntryKind, MessageBody, ProposeError, RaftCore, ReadState, Ready, SnapshotError,
+    TransferError,
 };
 use crate::storage::{GroupId, RaftLogStorage, StorageError, WriteBatch};
 
@@ -70,6 +71,55 @@ impl Drop for StopGuard {
             }
         });
     }
+}
+
+/// Builds the write batch for a Ready's persistence step, in the order the
+/// contract gives (snapshot, truncation, entries, hard state), taking the
+/// entries out of `ready`. `entry` reads the core's log, for the defensive
+/// case of a truncation nothing else in the batch covers. Returns the batch
+/// and the number of entries it appends.
+pub(super) fn persist_batch(
+    group: GroupId,
+    ready: &mut Ready,
+    entry: impl FnOnce(u64) -> Option<Entry>,
+) -> (WriteBatch, u64) {
+    let mut batch = WriteBatch::with_capacity(4);
+    if let Some(snapshot) = &ready.snapshot {
+        // Keeps the stored entries after the snapshot when the stored log
+        // has the snapshot's last entry with its term, otherwise drops the
+        // whole log (Figure 13, rules 6 and 7), as the core did.
+        batch.install_snapshot(group, snapshot.meta, snapshot.data.clone());
+    }
+    if let Some(from) = ready.log_truncate_from {
+        // The stored suffix from `from` is stale. An append starting at or
+        // before it replaces it. A snapshot reaching `from - 1` or beyond
+        // drops it: the stored entry at the snapshot's index is either gone
+        // (the truncation point is at or below it) and so cannot match the
+        // snapshot's term (log matching), or the log is discarded (rule 7).
+        let by_append = ready.entries.first().is_some_and(|e| e.index <= from);
+        let by_snapshot = ready
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| s.meta.last_included_index + 1 >= from);
+        if !by_append && !by_snapshot {
+            // Not produced by the core today; kept so that any Ready is
+            // persisted exactly: re-appending the entry before the stale
+            // suffix deletes every stored entry after it.
+            let previous = entry(from - 1).unwrap_or_else(|| {
+                panic!("truncation from {from} with no entry before it and no snapshot covering it")
+            });
+            batch.append(group, vec![previous]);
+        }
+    }
+    let entries = std::mem::take(&mut ready.entries);
+    let count = entries.len() as u64;
+    if !entries.is_empty() {
+        batch.append(group, entries);
+    }
+    if let Some(hard_state) = ready.hard_state {
+        batch.set_hard_state(group, hard_state);
+    }
+    (batch, count)
 }
 
 /// What woke the driver up.
@@ -398,43 +448,11 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
         Ok(())
     }
 
-    /// Builds the write batch for a Ready's persistence step, in the order
-    /// the contract gives: snapshot, truncation, entries, hard state.
+    /// Builds the write batch for a Ready's persistence step.
     fn persist_batch(&mut self, ready: &mut Ready) -> WriteBatch {
-        let group = self.group;
-        let mut batch = WriteBatch::with_capacity(4);
-        if let Some(snapshot) = &ready.snapshot {
-            // Keeps the entries after the snapshot when the stored log has
-            // the snapshot's last entry with its term, otherwise drops the
-            // whole log (Figure 13, rules 6 and 7), exactly as the core did.
-            batch.install_snapshot(group, snapshot.meta, snapshot.data.clone());
-        }
-        if let Some(from) = ready.log_truncate_from {
-            let by_append = ready.entries.first().is_some_and(|e| e.index <= from);
-            let by_snapshot = ready
-                .snapshot
-                .as_ref()
-                .is_some_and(|s| s.meta.last_included_index + 1 == from);
-            if !by_append && !by_snapshot {
-                // Nothing in the batch replaces the stale suffix: re-append the
-                // entry before it, which deletes every stored entry after it.
-                let previous = self.core.entry(from - 1).cloned().unwrap_or_else(|| {
-                    panic!(
-                        "node {}: truncation from {from} with no entry before it and no snapshot ending there",
-                        self.core.id()
-                    )
-                });
-                batch.append(group, vec![previous]);
-            }
-        }
-        let entries = std::mem::take(&mut ready.entries);
-        if !entries.is_empty() {
-            self.metrics.entries_persisted += entries.len() as u64;
-            batch.append(group, entries);
-        }
-        if let Some(hard_state) = ready.hard_state {
-            batch.set_hard_state(group, hard_state);
-        }
+        let core = &self.core;
+        let (batch, entries) = persist_batch(self.group, ready, |index| core.entry(index).cloned());
+        self.metrics.entries_persisted += entries;
         batch
     }
 
@@ -543,5 +561,127 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
             }
             before != after || stopping
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The write batch of a Ready leaves storage holding exactly the core's log.
+
+    use bytes::Bytes;
+
+    use super::persist_batch;
+    use crate::raft::{Entry, EntryKind, HardState, Ready, Snapshot, SnapshotMeta};
+    use crate::storage::{MemDisk, MemStore, RaftLogStorage, Storage};
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            kind: EntryKind::Normal,
+            data: Bytes::from(format!("{index}/{term}")),
+        }
+    }
+
+    fn stored(store: &MemStore) -> Vec<(u64, u64)> {
+        let first = store.first_index(0).unwrap();
+        let last = store.last_index(0).unwrap();
+        store
+            .entries(0, first, last + 1, u64::MAX)
+            .unwrap()
+            .iter()
+            .map(|e| (e.index, e.term))
+            .collect()
+    }
+
+    /// A store holding entries 1..=8 of term 1 and hard state term 1.
+    fn store_with_stale_suffix() -> MemStore {
+        let store = MemStore::open(&MemDisk::new()).unwrap();
+        let mut ready = Ready {
+            entries: (1..=8).map(|i| entry(i, 1)).collect(),
+            hard_state: Some(HardState {
+                term: 1,
+                voted_for: None,
+            }),
+            ..Ready::default()
+        };
+        let (batch, count) = persist_batch(0, &mut ready, |_| None);
+        assert_eq!(count, 8);
+        store.commit(batch).unwrap();
+        store
+    }
+
+    // A conflicting suffix is replaced by the entries appended from the truncation point.
+    #[test]
+    fn truncation_replaced_by_append() {
+        let store = store_with_stale_suffix();
+        let mut ready = Ready {
+            log_truncate_from: Some(5),
+            entries: vec![entry(5, 2), entry(6, 2)],
+            ..Ready::default()
+        };
+        let (batch, _) = persist_batch(0, &mut ready, |_| None);
+        store.commit(batch).unwrap();
+        assert_eq!(
+            stored(&store),
+            vec![(1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (6, 2)]
+        );
+    }
+
+    // A truncation at 5 followed, in the same Ready, by a leader's snapshot at 6 (rule 6 in the core's new log) leaves only the entries after 6.
+    #[test]
+    fn truncation_covered_by_installed_snapshot() {
+        let store = store_with_stale_suffix();
+        let mut ready = Ready {
+            snapshot: Some(Snapshot {
+                meta: SnapshotMeta {
+                    last_included_index: 6,
+                    last_included_term: 2,
+                },
+                data: Bytes::from_static(b"state"),
+            }),
+            log_truncate_from: Some(5),
+            entries: vec![entry(7, 2), entry(8, 2)],
+            ..Ready::default()
+        };
+        let (batch, _) = persist_batch(0, &mut ready, |_| None);
+        store.commit(batch).unwrap();
+        assert_eq!(store.first_index(0).unwrap(), 7);
+        assert_eq!(stored(&store), vec![(7, 2), (8, 2)]);
+    }
+
+    // A snapshot that does not match the log (rule 7) with nothing after it empties the log.
+    #[test]
+    fn mismatching_snapshot_discards_the_log() {
+        let store = store_with_stale_suffix();
+        let mut ready = Ready {
+            snapshot: Some(Snapshot {
+                meta: SnapshotMeta {
+                    last_included_index: 6,
+                    last_included_term: 3,
+                },
+                data: Bytes::from_static(b"state"),
+            }),
+            log_truncate_from: Some(7),
+            ..Ready::default()
+        };
+        let (batch, _) = persist_batch(0, &mut ready, |_| None);
+        store.commit(batch).unwrap();
+        assert_eq!(store.last_index(0).unwrap(), 6);
+        assert_eq!(stored(&store), vec![]);
+    }
+
+    // A truncation nothing else covers re-appends the entry before it, deleting the stale suffix.
+    #[test]
+    fn uncovered_truncation_reappends_the_previous_entry() {
+        let store = store_with_stale_suffix();
+        let mut ready = Ready {
+            log_truncate_from: Some(6),
+            ..Ready::default()
+        };
+        let (batch, count) = persist_batch(0, &mut ready, |index| Some(entry(index, 1)));
+        assert_eq!(count, 0);
+        store.commit(batch).unwrap();
+        assert_eq!(stored(&store), vec![(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)]);
     }
 }
