@@ -4,7 +4,9 @@
 //! HashMap counts, and printing the ratios.
 //!
 //! Settings (environment): `RAFTKV_BENCH_COPIES` (default 30), `RAFTKV_BENCH_RUNS` (default 3;
-//! rounds interleave the contenders and the best round of each is reported), `RAFTKV_BENCH_WORKERS` (default 2).
+//! rounds interleave the contenders and the best round of each is reported), `RAFTKV_BENCH_WORKERS` (default 2),
+//! `RAFTKV_BENCH_SPLITS_MIB` (a comma-separated list of split sizes in MiB: adds a job contender,
+//! fsync on, per size, interleaved with the others, to compare against the default).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -141,10 +143,14 @@ fn job(
     out: &Path,
     workers: usize,
     sync_files: bool,
+    split_bytes: Option<u64>,
 ) -> Result<HashMap<Vec<u8>, u64>> {
     let _ = std::fs::remove_dir_all(out);
     let mut config = JobConfig::new(out);
     config.workers = workers;
+    if let Some(split_bytes) = split_bytes {
+        config.split_bytes = split_bytes;
+    }
     config.exec.sync_files = sync_files;
     let summary = run_job(Arc::new(WordCount), &[input.to_path_buf()], &config)?;
     let mut counts = HashMap::new();
@@ -161,6 +167,18 @@ fn main() -> Result<()> {
     let copies = env_number("RAFTKV_BENCH_COPIES", 30)?;
     let runs = env_number("RAFTKV_BENCH_RUNS", 3)?.max(1);
     let workers = env_number("RAFTKV_BENCH_WORKERS", 2)?;
+    let splits_mib: Vec<u64> = match std::env::var("RAFTKV_BENCH_SPLITS_MIB") {
+        Ok(list) => list
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .with_context(|| format!("RAFTKV_BENCH_SPLITS_MIB={list:?}"))
+            })
+            .collect::<Result<_>>()?,
+        Err(_) => Vec::new(),
+    };
+    let mut split_best: Vec<Best> = splits_mib.iter().map(|_| Best::default()).collect();
     let dir = tempfile::tempdir()?;
     let input = build_input(dir.path(), copies)?;
     let input_bytes = std::fs::metadata(&input)?.len();
@@ -183,7 +201,7 @@ fn main() -> Result<()> {
     );
     let mut job_rss = None;
     for round in 0..runs {
-        let (wall, cpu, job_counts) = measure(|| job(&input, &out, workers, true))?;
+        let (wall, cpu, job_counts) = measure(|| job(&input, &out, workers, true, None))?;
         job_best.record(wall, cpu);
         if round == 0 {
             // Before anything else holds the input in memory.
@@ -193,8 +211,16 @@ fn main() -> Result<()> {
             text = Some(std::fs::read(&input)?);
         }
         let text: &[u8] = text.as_deref().expect("read above");
-        let (wall, cpu, _) = measure(|| job(&input, &out, workers, false))?;
+        let (wall, cpu, _) = measure(|| job(&input, &out, workers, false, None))?;
         nosync_best.record(wall, cpu);
+        for (mib, best) in splits_mib.iter().zip(&mut split_best) {
+            let (wall, cpu, counts) =
+                measure(|| job(&input, &out, workers, true, Some(mib << 20)))?;
+            best.record(wall, cpu);
+            if counts != job_counts {
+                bail!("job output with {mib} MiB splits differs");
+            }
+        }
         let (wall, cpu, naive_counts) = measure(|| naive_count(&input))?;
         naive_best.record(wall, cpu);
         let (wall, cpu, tuned_counts) = measure(|| Ok(tuned_count(text)))?;
@@ -220,6 +246,13 @@ fn main() -> Result<()> {
     let seconds = |d: Duration| d.as_secs_f64();
     show("mr job, fsync on (default)", job_time, job_best.cpu);
     show("mr job, fsync off", nosync_best.wall(), nosync_best.cpu);
+    for (mib, best) in splits_mib.iter().zip(&split_best) {
+        show(
+            &format!("mr job, fsync on, {mib} MiB splits"),
+            best.wall(),
+            best.cpu,
+        );
+    }
     show("in-memory count, std HashMap", naive_time, naive_best.cpu);
     show("in-memory count, tuned", tuned_time, tuned_best.cpu);
     println!(

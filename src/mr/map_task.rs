@@ -58,6 +58,67 @@ pub(crate) fn persist(
     Ok(())
 }
 
+/// Most threads [`persist_all`] uses to fsync files concurrently.
+const FSYNC_THREADS_MAX: usize = 16;
+
+/// Like [`persist`] for several files at once: flushes them all, fsyncs them all concurrently
+/// (up to [`FSYNC_THREADS_MAX`] threads, so the file system can commit them together instead of one journal
+/// commit after another), and only then renames each into place. A file is never visible under
+/// its target name before its contents are durable.
+pub(crate) fn persist_all(
+    writers: Vec<BufWriter<NamedTempFile>>,
+    targets: &[std::path::PathBuf],
+    sync: bool,
+) -> Result<(), MrError> {
+    assert_eq!(writers.len(), targets.len(), "one target per file");
+    let mut temps = Vec::with_capacity(writers.len());
+    for (writer, target) in writers.into_iter().zip(targets) {
+        let temp = writer
+            .into_inner()
+            .map_err(|e| MrError::io("flush", target, e.into_error()))?;
+        temps.push(temp);
+    }
+    if sync {
+        let threads = temps.len().min(FSYNC_THREADS_MAX);
+        let files: Vec<(&File, &std::path::PathBuf)> = temps
+            .iter()
+            .map(NamedTempFile::as_file)
+            .zip(targets)
+            .collect();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|first| {
+                    let files = &files;
+                    std::thread::Builder::new()
+                        .name("mr-fsync".into())
+                        .spawn_scoped(scope, move || {
+                            for (file, target) in files.iter().skip(first).step_by(threads) {
+                                file.sync_all()
+                                    .map_err(|e| MrError::io("fsync", target, e))?;
+                            }
+                            Ok(())
+                        })
+                        .map_err(|e| MrError::io("spawn an fsync thread for", files[first].1, e))
+                })
+                .collect();
+            // Join every thread that started before reporting the first error.
+            let mut first_error = None;
+            for handle in handles {
+                let result = handle.and_then(|h| h.join().expect("fsync thread panicked"));
+                if let Err(e) = result {
+                    first_error.get_or_insert(e);
+                }
+            }
+            first_error.map_or(Ok(()), Err)
+        })?;
+    }
+    for (temp, target) in temps.into_iter().zip(targets) {
+        temp.persist(target)
+            .map_err(|e| MrError::io("rename into place", target, e.error))?;
+    }
+    Ok(())
+}
+
 /// Makes the renames into `dir` durable (fsync of the directory). Only on Unix, where a
 /// directory can be opened and synced; elsewhere renames are as durable as the platform makes
 /// them.
@@ -148,7 +209,7 @@ fn bytes_equal(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Accumulated values up to this length are stored inside the entry (a count, a small sum).
-const INLINE_VALUE_BYTES: usize = 16;
+const INLINE_VALUE_BYTES: usize = 8;
 
 /// A combine-table value: inline when short, on the heap otherwise.
 enum SmallValue {
@@ -190,10 +251,11 @@ impl SmallValue {
     }
 }
 
-/// One key of the combine table with its accumulated value and its hash (kept so the table
-/// can grow without rehashing keys).
+/// One key of the combine table with its accumulated value. The hash is not stored: the
+/// table is probed by the key bytes held inline, and a smaller entry (48 bytes instead of 64)
+/// means fewer cache misses on the per-word lookup; growing the table rehashes keys, which the
+/// fast hasher makes cheap.
 struct CombineEntry {
-    hash: u64,
     key: SmallKey,
     value: SmallValue,
 }
@@ -202,6 +264,10 @@ struct CombineEntry {
 const ALLOCATION_OVERHEAD_BYTES: usize = 16;
 /// Bytes per slot of the combine table itself (the entry plus hashbrown's control byte).
 const TABLE_SLOT_BYTES: usize = std::mem::size_of::<CombineEntry>() + 1;
+const _: () = assert!(
+    std::mem::size_of::<CombineEntry>() <= 48,
+    "combine entries stay small"
+);
 
 /// The map-side combine table: one accumulated value per key, flushed when over budget.
 struct CombineTable<'a> {
@@ -276,9 +342,9 @@ impl MapOutput<'_> {
             return;
         };
         let hash = table.hasher.hash_one(key);
-        let found = table.entries.find_mut(hash, |entry| {
-            entry.hash == hash && bytes_equal(entry.key.as_slice(), key)
-        });
+        let found = table
+            .entries
+            .find_mut(hash, |entry| bytes_equal(entry.key.as_slice(), key));
         if let Some(entry) = found {
             let before = entry.value.heap_bytes();
             let result = match &mut entry.value {
@@ -327,8 +393,11 @@ impl MapOutput<'_> {
                 }
             }
             let table = self.combine.as_mut().expect("combine table present");
-            let entry = CombineEntry { hash, key, value };
-            table.entries.insert_unique(hash, entry, |entry| entry.hash);
+            let hasher = FastBuildHasher::default();
+            let entry = CombineEntry { key, value };
+            table
+                .entries
+                .insert_unique(hash, entry, |entry| hasher.hash_one(entry.key.as_slice()));
             table.heap_bytes += bytes;
         }
         let table = self.combine.as_ref().expect("combine table present");
@@ -447,10 +516,10 @@ pub fn run_map(app: &dyn App, task: &MapTask, config: &ExecConfig) -> Result<Tas
         stats.output_bytes += bytes;
         finished.push(buffered);
     }
-    for (r, buffered) in finished.into_iter().enumerate() {
-        let target = dir.join(intermediate_file_name(task.task, r as u32, task.attempt));
-        persist(buffered, &target, config.sync_files)?;
-    }
+    let targets: Vec<_> = (0..finished.len())
+        .map(|r| dir.join(intermediate_file_name(task.task, r as u32, task.attempt)))
+        .collect();
+    persist_all(finished, &targets, config.sync_files)?;
     if config.sync_files {
         sync_dir(dir)?;
     }
