@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
+mod mr_support;
+use mr_support::{corpus, job_lines};
+
 use anyhow::Result;
 use raftkv::mr::test_apps::{TestAppEnv, test_app_by_name};
 use raftkv::mr::{
@@ -13,33 +16,6 @@ use raftkv::mr::{
     Values, app_by_name, intermediate_file_name, output_file_name, run_job, run_job_with, run_map,
     run_reduce, run_sequential,
 };
-
-fn corpus() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/gutenberg");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("corpus {}: {e}", dir.display()))
-        .map(|entry| entry.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
-        .collect();
-    files.sort();
-    assert_eq!(files.len(), 8, "the corpus has eight texts");
-    files
-}
-
-/// The lab's comparison: all `mr-out*` lines of `dir`, blank lines dropped, sorted.
-fn job_lines(dir: &Path) -> Vec<String> {
-    let mut lines = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().to_string();
-        if name.starts_with("mr-out") {
-            let text = String::from_utf8(std::fs::read(&path).unwrap()).unwrap();
-            lines.extend(text.lines().filter(|l| !l.is_empty()).map(String::from));
-        }
-    }
-    lines.sort();
-    lines
-}
 
 /// The sequential reference of a built-in app over the whole corpus, computed once per test
 /// binary (several tests compare against it).

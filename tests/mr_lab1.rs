@@ -12,11 +12,14 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+mod mr_support;
+use mr_support::{corpus, job_lines};
 
 use anyhow::{Context, Result};
 use raftkv::mr::test_apps::{TestAppEnv, test_app_by_name};
@@ -29,33 +32,6 @@ const PROCESS_BOUND: Duration = Duration::from_secs(45);
 const CRASH_PROCESS_BOUND: Duration = Duration::from_secs(120);
 /// How often process exits and files are checked while waiting.
 const POLL: Duration = Duration::from_millis(20);
-
-fn corpus() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/gutenberg");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("corpus {}: {e}", dir.display()))
-        .map(|entry| entry.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
-        .collect();
-    files.sort();
-    assert_eq!(files.len(), 8, "the corpus has eight texts");
-    files
-}
-
-/// The lab's comparison: all `mr-out*` lines of `dir`, blank lines dropped, sorted.
-fn job_lines(dir: &Path) -> Vec<String> {
-    let mut lines = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().to_string();
-        if name.starts_with("mr-out") {
-            let text = String::from_utf8(std::fs::read(&path).unwrap()).unwrap();
-            lines.extend(text.lines().filter(|l| !l.is_empty()).map(String::from));
-        }
-    }
-    lines.sort();
-    lines
-}
 
 /// The sequential reference (`run_sequential`) of `name` over the corpus, sorted, blank lines
 /// dropped; test applications run without sleeps. Computed once per name.
