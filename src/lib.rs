@@ -14,6 +14,7 @@ pub mod kv;
 pub mod mr;
 pub mod net;
 pub mod raft;
+pub mod rsm;
 pub mod storage;
 
 /// Identifier of a node (a server process) in a cluster.

@@ -20,6 +20,7 @@
 
 pub mod clerk;
 pub mod lock;
+pub mod replicated;
 pub mod rpc;
 pub mod server;
 pub mod state_machine;
@@ -27,6 +28,7 @@ pub mod types;
 
 pub use clerk::{Clerk, ClerkConfig, ClerkConfigError, KvClient, KvRpc, NoReply};
 pub use lock::{FencingToken, Lock, LockConfig, LockError, LockGrant, LockRecord, OWNER_BYTES_MAX};
+pub use replicated::{KV_SNAPSHOT_FORMAT, KvStateMachine, RaftKvConfig, RaftKvError, RaftKvServer};
 pub use rpc::{EndpointRpc, KV_REQUEST_KIND, KvResponse, ServerUnavailable};
 pub use server::{KvServer, KvServerConfig, KvServerError, KvServerStats};
 pub use state_machine::{Applied, MemoryKv, VersionedMap, apply, execute};

@@ -127,6 +127,12 @@ impl MemoryKv {
         self.entries.get(key)
     }
 
+    /// Sets `key` to `value` as is (any version): rebuilds a map from a
+    /// snapshot. Not a state-machine operation.
+    pub fn restore(&mut self, key: String, value: Versioned) {
+        self.entries.insert(key, value);
+    }
+
     /// Number of keys.
     pub fn len(&self) -> usize {
         self.entries.len()

@@ -35,7 +35,7 @@ pub(crate) const TAG_MR: u8 = 0x30;
 
 pub(crate) const FORMAT_KEY: &[u8] = b"\x00format";
 pub(crate) const MAGIC: &[u8; 8] = b"RAFTKV\0\0";
-const CRC_BYTES: usize = 4;
+pub(crate) const CRC_BYTES: usize = 4;
 /// Bytes of an entry payload before its data: term and kind.
 pub(crate) const ENTRY_HEADER_BYTES: usize = 9;
 

@@ -34,6 +34,15 @@ use bytes::Bytes;
 
 use crate::raft::{Entry, HardState, SnapshotMeta};
 
+/// Bytes one log entry carrying `data_len` bytes of command occupies in a
+/// store, as [`RaftLogStorage::raft_state_bytes`] counts them (key, term,
+/// kind, data, checksum). Lets a service estimate its persisted Raft state
+/// without scanning the log.
+pub fn raft_entry_persisted_bytes(data_len: usize) -> u64 {
+    (format::entry_key(0, 0).len() + format::ENTRY_HEADER_BYTES + data_len + format::CRC_BYTES)
+        as u64
+}
+
 /// Identifier of a Raft group; several groups (shards) can share one store.
 pub type GroupId = u64;
 
