@@ -16,7 +16,9 @@
 //! `multi`, one work-stealing runtime with 2 workers.
 //!
 //! Run: `cargo bench --bench raft` (`-- --seconds S` sets the measured
-//! time per case, default 5; `--runtime current|per-node|multi`; `--only mem|sled` one store;
+//! time per case, default 5; `--runtime current|per-node|multi`; `--only mem|sled` one store
+//! (`sled` also runs `sled-strict`, the baseline without the leader's
+//! parallel flush);
 //! `--snapshot-every N` the service's snapshot period, default 10,000
 //! entries, 0 = never).
 //! `cargo test --benches` runs each case for a moment as a smoke test.
@@ -42,6 +44,9 @@ const SNAPSHOT_EVERY_ENTRIES_DEFAULT: u64 = 10_000;
 enum StoreKind {
     Memory,
     Sled,
+    /// Sled with `send_appends_before_persist` off: the baseline for the
+    /// leader's parallel flush (flush, then send, on every node).
+    SledStrict,
 }
 
 /// What the leader's service tells the proposers: per proposer, the
@@ -95,13 +100,15 @@ fn start_node<S: RaftLogStorage + 'static>(
     net: &SimNetwork,
     id: NodeId,
     storage: S,
-    block_in_place: bool,
+    kind: StoreKind,
     proposers: usize,
     snapshot_every: u64,
 ) -> (RaftNode, Arc<Applied>) {
     let config = NodeConfig {
         rng_seed: id,
-        block_in_place_for_storage: block_in_place,
+        // Sled commits wait for the disk; MemStore's never do.
+        block_in_place_for_storage: kind != StoreKind::Memory,
+        send_appends_before_persist: kind != StoreKind::SledStrict,
         ..NodeConfig::default()
     };
     let endpoint = net.add_node(id).expect("adding a node");
@@ -186,13 +193,13 @@ async fn cluster(
         let (node, applied) = match kind {
             StoreKind::Memory => {
                 let store = MemStore::open(&MemDisk::new()).expect("memory store");
-                start_node(&handle, &net, id, store, false, proposers, snapshot_every)
+                start_node(&handle, &net, id, store, kind, proposers, snapshot_every)
             }
-            StoreKind::Sled => {
+            StoreKind::Sled | StoreKind::SledStrict => {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let store = Store::open(dir.path()).expect("sled store");
                 dirs.push(dir);
-                start_node(&handle, &net, id, store, true, proposers, snapshot_every)
+                start_node(&handle, &net, id, store, kind, proposers, snapshot_every)
             }
         };
         nodes.push(node);
@@ -404,7 +411,7 @@ fn main() {
         warm_up.as_secs_f64()
     );
     println!(
-        "{:<9} {:<5} {:>9} {:>10} {:>9} {:>9} {:>12} {:>12} {:>10}",
+        "{:<9} {:<11} {:>9} {:>10} {:>9} {:>9} {:>12} {:>12} {:>10}",
         "runtime",
         "store",
         "proposers",
@@ -434,12 +441,13 @@ fn main() {
             other => panic!("--runtime current|per-node|multi, not {other}"),
         }
         .expect("tokio runtime");
-        for kind in [StoreKind::Memory, StoreKind::Sled] {
+        for kind in [StoreKind::Memory, StoreKind::Sled, StoreKind::SledStrict] {
             let name = match kind {
                 StoreKind::Memory => "mem",
                 StoreKind::Sled => "sled",
+                StoreKind::SledStrict => "sled-strict",
             };
-            if only.as_deref().is_some_and(|o| o != name) {
+            if only.as_deref().is_some_and(|o| !name.starts_with(o)) {
                 continue;
             }
             for proposers in [1, 64] {
@@ -453,7 +461,7 @@ fn main() {
                 }));
                 let rate = outcome.commits as f64 / outcome.elapsed.as_secs_f64();
                 println!(
-                    "{:<9} {:<5} {:>9} {:>10.0} {:>9.1} {:>9.1} {:>12.1} {:>12.1} {:>10.1}",
+                    "{:<9} {:<11} {:>9} {:>10.0} {:>9.1} {:>9.1} {:>12.1} {:>12.1} {:>10.1}",
                     runtime_kind,
                     name,
                     proposers,

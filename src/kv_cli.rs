@@ -74,7 +74,7 @@ pub struct ClientArgs {
     timeout_ms: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 /// Arguments of `raftkv put`.
@@ -156,7 +156,7 @@ fn cluster_id(name: &str) -> u64 {
     })
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Runtime::new().context("cannot start the async runtime")
 }
 
@@ -168,7 +168,7 @@ async fn resolve(address: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("{address:?} resolves to no address"))
 }
 
-fn print_line(line: &str) -> anyhow::Result<()> {
+pub(crate) fn print_line(line: &str) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{line}")?;
     stdout.flush()?;
@@ -209,6 +209,16 @@ pub fn kvsrv(args: KvsrvArgs) -> anyhow::Result<ExitCode> {
 
 /// A clerk over a fresh TCP client transport for `args.servers`.
 async fn clerk(args: &ClientArgs) -> anyhow::Result<Clerk<EndpointRpc>> {
+    let (rpc, servers, clerk_config) = tcp_client(args).await?;
+    Ok(Clerk::new(rpc, servers, clerk_config)?)
+}
+
+/// A fresh TCP client transport for `args.servers`: the RPC layer to build
+/// clerks on, the server ids (position in `--servers`, from 1) and the clerk
+/// settings (`--timeout-ms` as the deadline).
+pub(crate) async fn tcp_client(
+    args: &ClientArgs,
+) -> anyhow::Result<(EndpointRpc, Vec<NodeId>, ClerkConfig)> {
     let node_id = CLIENT_ID_BASE + (rand::random::<u64>() >> 2);
     let mut config = TcpConfig::client(cluster_id(&args.cluster_id), node_id);
     config.call_timeout = CALL_TIMEOUT;
@@ -224,7 +234,7 @@ async fn clerk(args: &ClientArgs) -> anyhow::Result<Clerk<EndpointRpc>> {
         deadline: Some(Duration::from_millis(args.timeout_ms)),
         ..ClerkConfig::default()
     };
-    Ok(Clerk::new(rpc, servers, clerk_config)?)
+    Ok((rpc, servers, clerk_config))
 }
 
 /// Reports a failure (exit 1): on stderr, and with `--json` also as

@@ -18,6 +18,7 @@ use raftkv::raft::{Entry, EntryKind};
 use raftkv::storage::{KvStorage, MrStorage, RaftLogStorage, Store, StoreConfig};
 use serde::Serialize;
 
+mod bench_cli;
 mod kv_cli;
 
 /// raftkv: replicated durable state and MapReduce.
@@ -58,6 +59,10 @@ enum Command {
         #[command(subcommand)]
         action: kv_cli::LockAction,
     },
+    /// Closed-loop load against a key/value cluster: N clients, one operation
+    /// each at a time, for a duration. Prints ops/s, latency percentiles and
+    /// error counts (`--json`: one object); `--check` checks linearizability.
+    Bench(bench_cli::BenchArgs),
     /// MapReduce: run a job in this process, or as a coordinator and worker processes.
     Mr {
         #[command(subcommand)]
@@ -174,6 +179,7 @@ fn main() -> ExitCode {
         Command::Put(args) => kv_cli::put(args),
         Command::Get(args) => kv_cli::get(args),
         Command::Lock { action } => kv_cli::lock(action),
+        Command::Bench(args) => bench_cli::bench(args),
         Command::Mr { command } => match command {
             MrCommand::Run(args) => mr_run(args),
             MrCommand::Coordinator(args) => mr_coordinator(args),

@@ -492,3 +492,79 @@ fn inspect_decodes_kv_commands() {
     );
     assert!(text.contains("hex 076e6f74"), "{text}");
 }
+
+// `raftkv bench` runs a closed loop against a server: every workload completes operations,
+// reports the figures it promises (text and one JSON object), and `--check` finds the recorded
+// history linearizable, including contended puts on fewer keys than clients; bad flags are
+// usage errors.
+#[test]
+fn bench_reports_figures_and_checks_linearizability() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = ServerProcess::start(dir.path());
+    for (workload, clients, keys) in [("put", "4", "8"), ("get", "3", "5"), ("mixed", "8", "2")] {
+        let (code, out) = client(
+            &server,
+            "bench",
+            &[
+                "--clients",
+                clients,
+                "--keys",
+                keys,
+                "--duration",
+                "300ms",
+                "--workload",
+                workload,
+                "--value-size",
+                "64",
+                "--check",
+                "--json",
+            ],
+        );
+        assert_eq!(code, 0, "bench {workload}: {out}");
+        let report = json(out.trim());
+        let ops = report["ops"].as_u64().expect("ops");
+        assert!(ops > 0, "bench {workload} completed no operation: {out}");
+        assert_eq!(report["workload"], workload);
+        assert_eq!(report["clients"].as_u64(), Some(clients.parse().unwrap()));
+        let counts = &report["counts"];
+        assert_eq!(
+            counts["puts"].as_u64().unwrap() + counts["gets"].as_u64().unwrap(),
+            ops
+        );
+        match workload {
+            "put" => assert_eq!(counts["gets"], 0),
+            "get" => assert_eq!(counts["puts"], 0),
+            _ => {}
+        }
+        // Owned keys never conflict; the preloaded get keys always exist.
+        if workload != "mixed" {
+            assert_eq!(counts["err_version"], 0, "{out}");
+        }
+        assert_eq!(counts["err_no_key"], 0, "{out}");
+        assert_eq!(report["errors"], 0, "{out}");
+        let latency = &report["latency_us"];
+        let (p50, p99, max) = (
+            latency["p50"].as_u64().unwrap(),
+            latency["p99"].as_u64().unwrap(),
+            latency["max"].as_u64().unwrap(),
+        );
+        assert!(0 < p50 && p50 <= p99 && p99 <= max, "{out}");
+        let verdict = report["linearizable"].as_str().expect("--check verdict");
+        assert!(verdict.starts_with("ok"), "{out}");
+    }
+    let (code, out) = client(&server, "bench", &["--clients", "2", "--duration", "200ms"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ops/s") && out.contains("p99"), "{out}");
+    for bad in [
+        ["--clients", "0"],
+        ["--duration", "soon"],
+        ["--workload", "delete"],
+    ] {
+        let mut args = vec!["bench", "--servers", &server.address];
+        args.extend(bad);
+        let output = raftkv(&args);
+        assert_ne!(output.status.code(), Some(0), "bench {bad:?} succeeded");
+        assert!(!stderr(&output).is_empty(), "bench {bad:?} said nothing");
+    }
+    drop(server);
+}

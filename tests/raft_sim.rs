@@ -408,11 +408,31 @@ impl Sim {
             return;
         }
         let mut ready = core.ready();
+        // Like the driver: a leader's appends and heartbeats leave before its
+        // own flush when the Ready changes no hard state.
+        let mut registered = false;
+        if ready.hard_state.is_none() {
+            let (early, late): (Vec<_>, Vec<_>) = std::mem::take(&mut ready.messages)
+                .into_iter()
+                .partition(|message| message.may_precede_persistence());
+            ready.messages = late;
+            if !early.is_empty() {
+                // The entries exist once they leave the node.
+                self.register_entries(slot, &ready);
+                registered = true;
+            }
+            for message in early {
+                self.send(message);
+            }
+        }
         if crash_point == Some(0) {
-            // Nothing of this Ready reached the disk or the network.
+            // Nothing of this Ready reached the disk; a leader's appends may
+            // have reached the network.
             return self.crash(slot);
         }
-        self.register_entries(slot, &ready);
+        if !registered {
+            self.register_entries(slot, &ready);
+        }
         self.persist(slot, &ready);
         if crash_point == Some(1) {
             return self.crash(slot);

@@ -139,4 +139,17 @@ impl Message {
                 | MessageBody::InstallSnapshotResponse { .. }
         )
     }
+
+    /// True for the messages a driver may send before the `Ready` that
+    /// produced them is durable, provided that Ready changes no hard state: a
+    /// leader's appends and heartbeats (Ongaro's thesis §10.2.1). They carry
+    /// entries and a commit index but promise nothing about the sender's own
+    /// disk — the leader counts itself towards a commit only once its entries
+    /// are persisted — so followers can flush in parallel with the leader.
+    pub fn may_precede_persistence(&self) -> bool {
+        matches!(
+            self.body,
+            MessageBody::Append { .. } | MessageBody::Heartbeat { .. }
+        )
+    }
 }

@@ -15,7 +15,15 @@
 //!    whole batch atomically is simplest and is what the simulation models.
 //! 2. **Send** [`messages`](Ready::messages) — only after step 1 is durable:
 //!    a vote or an append acknowledgement promises that its hard state and
-//!    entries survive a crash.
+//!    entries survive a crash. One exception: when the Ready has no
+//!    [`hard_state`](Ready::hard_state), the messages for which
+//!    [`Message::may_precede_persistence`] holds (a leader's appends and
+//!    heartbeats) may be sent before or during step 1. They depend on no
+//!    durable state of the sender: the core counts the leader's own log
+//!    towards a commit only up to what [`advance`](crate::raft::RaftCore::advance)
+//!    reported persisted (Ongaro's thesis §10.2.1), so followers flush in
+//!    parallel with the leader and a commit still needs a majority of
+//!    durable copies.
 //! 3. **Apply**: hand [`snapshot_to_apply`](Ready::snapshot_to_apply), then
 //!    [`committed_entries`](Ready::committed_entries) in order, to the service,
 //!    and answer [`read_states`](Ready::read_states). Entries in

@@ -47,6 +47,16 @@ pub struct NodeConfig {
     /// false for storage whose commits never wait for a disk (`MemStore`).
     /// Default true.
     pub block_in_place_for_storage: bool,
+    /// Send a leader's appends and heartbeats before its own flush of the
+    /// same `Ready` completes, when that Ready changes no hard state (Ongaro's
+    /// thesis §10.2.1; see [`Message::may_precede_persistence`]). Followers
+    /// then write in parallel with the leader, so a commit waits for about one
+    /// flush instead of two; safety is unchanged, since the leader counts
+    /// itself towards a commit only once its entries are durable. `false`
+    /// keeps the strict order (flush, then send). Default true.
+    ///
+    /// [`Message::may_precede_persistence`]: crate::raft::Message::may_precede_persistence
+    pub send_appends_before_persist: bool,
 }
 
 impl Default for NodeConfig {
@@ -62,6 +72,7 @@ impl Default for NodeConfig {
             apply_channel_items_max: 64,
             inputs_per_ready_max: 8192,
             block_in_place_for_storage: true,
+            send_appends_before_persist: true,
         }
     }
 }

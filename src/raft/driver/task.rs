@@ -398,8 +398,24 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
 
     fn handle_ready(&mut self, mut ready: Ready) -> Result<(), StorageError> {
         self.metrics.readies += 1;
-        // 1. Persist: one batch, one flush, before anything leaves the node.
+        // 1. Persist: one batch, one flush. A leader's appends and
+        //    heartbeats may leave first (see the `Ready` contract and
+        //    `NodeConfig::send_appends_before_persist`): they promise nothing
+        //    about this node's disk, and followers then flush in parallel
+        //    with the leader.
         let batch = self.persist_batch(&mut ready);
+        if self.config.send_appends_before_persist
+            && !batch.is_empty()
+            && ready.hard_state.is_none()
+        {
+            let (early, late): (Vec<_>, Vec<_>) = std::mem::take(&mut ready.messages)
+                .into_iter()
+                .partition(|message| message.may_precede_persistence());
+            ready.messages = late;
+            for message in early {
+                self.send(message);
+            }
+        }
         if !batch.is_empty() {
             self.commit(batch)?;
             self.metrics.flushes += 1;
@@ -411,7 +427,7 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
                 self.core.id()
             );
         }
-        // 2. Send, only now that the Ready is durable.
+        // 2. Send the rest, only now that the Ready is durable.
         for message in std::mem::take(&mut ready.messages) {
             self.send(message);
         }
