@@ -407,6 +407,78 @@ async fn one_way_messages_stay_in_order_on_an_unreliable_network() {
     assert_eq!(network.rpc_count(1), received.len() as u64);
 }
 
+// Proves that with unordered messages each one-way message travels on its own, like a labrpc
+// call: on an unreliable network later messages overtake earlier ones (same ~10 % loss), and
+// under long reordering about 600 of 900 response-like messages are held back at least 200 ms,
+// while requests are not.
+#[tokio::test(start_paused = true)]
+async fn unordered_messages_reorder_like_labrpc_calls() {
+    const MESSAGES: u64 = 5000;
+    let seed = 19;
+    let network = SimNetwork::new(SimConfig::new(seed));
+    network.set_unordered_messages(true);
+    let receiver = network.add_node(1).expect("node");
+    let mut inbox = receiver.inbox::<Seq>(MESSAGES as usize).expect("inbox");
+    let sender = network.add_node(2).expect("node");
+    network.set_reliable(false);
+    for seq in 0..MESSAGES {
+        sender.send(1, &Seq(seq)).expect("queued");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut received = Vec::new();
+    while let Some((_, Seq(seq))) = inbox.try_recv() {
+        received.push(seq);
+    }
+    // A message is overtaken when a later-sent one arrived before it.
+    let mut latest = 0;
+    let mut overtaken = 0;
+    for &seq in &received {
+        if seq < latest {
+            overtaken += 1;
+        }
+        latest = latest.max(seq);
+    }
+    assert!(
+        overtaken > received.len() / 2,
+        "seed {seed}: only {overtaken} of {} messages overtaken",
+        received.len()
+    );
+    let loss = 1.0 - received.len() as f64 / MESSAGES as f64;
+    assert!((0.085..=0.115).contains(&loss), "seed {seed}: loss {loss}");
+
+    // Long reordering, reliable: requests arrive at once, responses mostly late.
+    network.set_reliable(true);
+    network.set_long_reordering(true);
+    let mut answers = receiver.inbox::<Answer>(MESSAGES as usize).expect("inbox");
+    let mut requests = 0;
+    for seq in 0..900 {
+        sender.send(1, &Seq(seq)).expect("queued");
+        sender.send(1, &Answer(vec![])).expect("queued");
+    }
+    while inbox.try_recv().is_some() {
+        requests += 1;
+    }
+    let mut prompt = 0;
+    while answers.try_recv().is_some() {
+        prompt += 1;
+    }
+    assert_eq!(requests, 900, "seed {seed}: requests are not held back");
+    tokio::time::sleep(Duration::from_millis(199)).await;
+    while answers.try_recv().is_some() {
+        prompt += 1;
+    }
+    assert!(
+        (240..=360).contains(&prompt),
+        "seed {seed}: {prompt} of 900 responses arrived within 199 ms (expected ~300)"
+    );
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let mut late = 0;
+    while answers.try_recv().is_some() {
+        late += 1;
+    }
+    assert_eq!(prompt + late, 900, "seed {seed}: every response arrives");
+}
+
 // Proves a typed inbox skips undecodable payloads and keeps delivering.
 #[tokio::test(start_paused = true)]
 async fn inbox_skips_undecodable_messages() {

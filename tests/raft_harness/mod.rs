@@ -559,6 +559,10 @@ impl Lab {
         let n = options.servers;
         let net = SimNetwork::new(SimConfig::new(seed));
         net.set_long_delays(true);
+        // Raft's messages are one-way; delivered each on its own they meet
+        // the reordering labrpc gives RPCs (unreliable delays, long
+        // reordering of responses).
+        net.set_unordered_messages(true);
         net.set_reliable(!options.unreliable);
         let cluster = Cluster {
             inner: Arc::new(ClusterInner {

@@ -26,9 +26,13 @@
 //!   counted like a reply (its bytes, once delivered).
 //!
 //! One-way messages go through the same link state, unreliable delay and
-//! drops and counters as requests, but stay in order per (sender, receiver):
-//! a message is delivered no earlier than the one sent before it. Long
-//! reordering applies to replies only, as in the reference.
+//! drops and counters as requests, but by default stay in order per (sender,
+//! receiver): a message is delivered no earlier than the one sent before it.
+//! Long reordering applies to replies only, as in the reference.
+//! [`SimNetwork::set_unordered_messages`] delivers each one-way message on its
+//! own instead, like a labrpc call (its own unreliable delay; response-like
+//! messages held back under long reordering), which is how a protocol built
+//! on one-way messages meets the reference's reordering.
 //!
 //! Links are directed and addressed by node id; a client (a Clerk) is a node
 //! too (see [`SimNetwork::add_client`]), so cutting one client's link to one

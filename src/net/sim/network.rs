@@ -132,6 +132,9 @@ pub(super) struct State {
     reliable: bool,
     long_reordering: bool,
     long_delays: bool,
+    /// One-way messages are delivered like labrpc calls: each on its own
+    /// delay, in no particular order (see `SimNetwork::set_unordered_messages`).
+    unordered_messages: bool,
     /// Live incarnations.
     nodes: BTreeMap<NodeId, Arc<Incarnation>>,
     /// Every id ever added: the "all others" of `connect`/`disconnect`.
@@ -172,6 +175,14 @@ pub(super) enum SendAction {
     DeliverNow(Arc<Incarnation>),
     /// Start the pump of this link.
     StartPump,
+    /// Deliver on its own after `delay`, outside the link's FIFO (unordered
+    /// messages).
+    DeliverAfter {
+        /// The receiving incarnation.
+        target: Arc<Incarnation>,
+        /// How long the message travels.
+        delay: Duration,
+    },
 }
 
 impl Shared {
@@ -283,6 +294,23 @@ impl Shared {
                 self.record(state, from, to, kind, SimOutcome::MessageDropped);
                 return SendAction::Done;
             }
+        }
+        if state.unordered_messages {
+            // Like a labrpc call: its own delay, and a response-like message
+            // may be held back as a reply is under long reordering.
+            if role == MessageRole::Response
+                && state.long_reordering
+                && state.rng.random_range(0..900) < 600
+            {
+                let upper = 1 + state.rng.random_range(0..2000);
+                delay += Duration::from_millis(200 + state.rng.random_range(0..upper));
+            }
+            if delay.is_zero() {
+                state.count_message(to, role, payload.len());
+                self.record(state, from, to, kind, SimOutcome::MessageDelivered);
+                return SendAction::DeliverNow(target);
+            }
+            return SendAction::DeliverAfter { target, delay };
         }
         let key = (from, to);
         let link = state.links.entry(key).or_insert_with(|| LinkQueue {
@@ -396,6 +424,7 @@ impl SimNetwork {
             reliable: true,
             long_reordering: false,
             long_delays: false,
+            unordered_messages: false,
             nodes: BTreeMap::new(),
             known: BTreeSet::new(),
             disabled: HashSet::new(),
@@ -484,6 +513,18 @@ impl SimNetwork {
     /// Long reordering of replies on or off (off by default).
     pub fn set_long_reordering(&self, long_reordering: bool) {
         self.shared.lock().long_reordering = long_reordering;
+    }
+
+    /// One-way messages delivered in order per link (the default, `false`),
+    /// or each on its own like a labrpc call (`true`): in unreliable mode
+    /// each takes its own 0–26 ms delay, so later messages may overtake
+    /// earlier ones, and under long reordering 600 of 900
+    /// [`Response`](crate::net::MessageRole::Response) messages are held back
+    /// 200 ms + rand(0..1 + rand(0..2000)) ms like replies. This is how a
+    /// protocol that uses one-way messages (Raft here) meets the reordering
+    /// that labrpc gives RPC-based implementations.
+    pub fn set_unordered_messages(&self, unordered: bool) {
+        self.shared.lock().unordered_messages = unordered;
     }
 
     /// Long delays (0–7000 ms) before a cut link reports no reply, instead of

@@ -251,6 +251,30 @@ impl Transport for SimNode {
                     .runtime
                     .spawn(pump(self.shared.clone(), from, to));
             }
+            SendAction::DeliverAfter { target, delay } => {
+                let shared = self.shared.clone();
+                self.shared.runtime.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let delivered = {
+                        let mut guard = shared.lock();
+                        let state = &mut *guard;
+                        let alive = !target.dead.is_cancelled();
+                        if alive {
+                            state.count_message(to, role, payload.len());
+                        }
+                        let outcome = if alive {
+                            SimOutcome::MessageDelivered
+                        } else {
+                            SimOutcome::MessageDropped
+                        };
+                        shared.record(state, from, to, kind, outcome);
+                        alive
+                    };
+                    if delivered {
+                        let _ = target.dispatch.deliver(from, kind, payload);
+                    }
+                });
+            }
         }
         Ok(())
     }
