@@ -11,6 +11,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, error, trace, warn};
 
+/// A storage commit at least this long is logged and counted
+/// ([`Metrics::slow_commits`]).
+const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 use super::config::NodeConfig;
 use super::error::NodeError;
 use super::types::{Apply, CommittedEntry, Metrics, RaftEnvelope, Status, StopReason};
@@ -472,12 +476,24 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
         batch
     }
 
-    fn commit(&self, batch: WriteBatch) -> Result<(), StorageError> {
-        if self.block_in_place {
+    fn commit(&mut self, batch: WriteBatch) -> Result<(), StorageError> {
+        let started = std::time::Instant::now();
+        let result = if self.block_in_place {
             tokio::task::block_in_place(|| self.storage.commit(batch))
         } else {
             self.storage.commit(batch)
+        };
+        let took = started.elapsed();
+        if took >= SLOW_COMMIT {
+            // Like etcd's "slow fdatasync": the disk, not Raft, is the bottleneck.
+            self.metrics.slow_commits += 1;
+            warn!(
+                id = self.core.id(),
+                took_ms = took.as_millis() as u64,
+                "slow storage commit (disk contention or a slow device)"
+            );
         }
+        result
     }
 
     fn send(&mut self, message: crate::raft::Message) {

@@ -89,6 +89,8 @@ pub struct Metrics {
     pub entries_applied: u64,
     /// Ticks given to the core.
     pub ticks: u64,
+    /// Storage commits that took at least 100 ms (each also logged as a warning).
+    pub slow_commits: u64,
 }
 
 impl Metrics {
