@@ -488,6 +488,59 @@ async fn restart_delivers_snapshot_then_entries() {
     cluster.shutdown().await;
 }
 
+// Proves `Metrics::snapshots_installed` counts a leader's snapshot installed by a lagging follower, once, and neither a node's own snapshots nor the one a restart starts from.
+#[tokio::test(start_paused = true)]
+async fn snapshots_installed_counts_only_leader_snapshots() {
+    let mut cluster = Cluster::new(17, 3);
+    let leader = cluster.leader().await;
+    let lagging = cluster
+        .voters
+        .iter()
+        .copied()
+        .find(|&id| id != leader)
+        .unwrap();
+    cluster.net.disconnect(lagging);
+    let mut last = 0;
+    for i in 1..=20 {
+        last = cluster.node(leader).propose(command(i)).await.unwrap().0;
+    }
+    for id in cluster.voters.clone() {
+        if id != lagging {
+            cluster.applied_through(id, last).await;
+            cluster
+                .node(id)
+                .snapshot(last, Bytes::from_static(b"state through 20"))
+                .await
+                .unwrap();
+        }
+    }
+    cluster.net.connect(lagging);
+    let items = cluster.applied_through(lagging, last).await;
+    assert!(
+        matches!(items[0], Apply::Snapshot { index: 20, .. }),
+        "the lagging follower catches up from the leader's snapshot: {items:?}"
+    );
+    for id in cluster.voters.clone() {
+        let installed = cluster.node(id).status().metrics.snapshots_installed;
+        let expected = u64::from(id == lagging);
+        assert_eq!(installed, expected, "node {id}");
+    }
+    // A restart hands the persisted snapshot to the service: not an install.
+    cluster.shutdown().await;
+    for slot in 0..3 {
+        cluster.disks[slot] = cluster.disks[slot].fork();
+    }
+    for id in 1..=3 {
+        cluster.start(id, config(id));
+    }
+    for id in 1..=3 {
+        let items = cluster.applied_through(id, 20).await;
+        assert!(matches!(items[0], Apply::Snapshot { index: 20, .. }));
+        assert_eq!(cluster.node(id).status().metrics.snapshots_installed, 0);
+    }
+    cluster.shutdown().await;
+}
+
 fn items_term(items: &[Apply]) -> u64 {
     match &items[0] {
         Apply::Snapshot { term, .. } => *term,

@@ -402,6 +402,9 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
 
     fn handle_ready(&mut self, mut ready: Ready) -> Result<(), StorageError> {
         self.metrics.readies += 1;
+        // A snapshot both to persist and to apply came from a leader (the
+        // service's own is not applied back; a restart's is not persisted).
+        let installs_snapshot = ready.snapshot.is_some() && ready.snapshot_to_apply.is_some();
         // 1. Persist: one batch, one flush. A leader's appends and
         //    heartbeats may leave first (see the `Ready` contract and
         //    `NodeConfig::send_appends_before_persist`): they promise nothing
@@ -423,6 +426,9 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
         if !batch.is_empty() {
             self.commit(batch)?;
             self.metrics.flushes += 1;
+            if installs_snapshot {
+                self.metrics.snapshots_installed += 1;
+            }
             let stored_last = self.storage.last_index(self.group)?;
             assert_eq!(
                 stored_last,

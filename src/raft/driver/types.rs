@@ -87,6 +87,9 @@ pub struct Metrics {
     pub proposals_accepted: u64,
     /// Committed entries handed to the apply channel.
     pub entries_applied: u64,
+    /// Snapshots received from a leader (InstallSnapshot) and installed;
+    /// neither the node's own snapshots nor the one a restart starts from.
+    pub snapshots_installed: u64,
     /// Ticks given to the core.
     pub ticks: u64,
     /// Storage commits that took at least 100 ms (each also logged as a warning).
