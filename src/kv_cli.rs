@@ -4,9 +4,9 @@
 //! Client commands only speak the key/value RPC through a [`Clerk`], which
 //! retries, moves to the next server on "no reply" and on ErrWrongLeader, and
 //! applies the ErrMaybe rule; so they work unchanged against any server kind
-//! (the single-node `kvsrv` now, a replicated cluster later). Server node ids
-//! come from the order of `--servers`: the i-th address (from 1) is node i.
-//! `kvsrv` is node 1, so it is listed alone (or first).
+//! (the single-node `kvsrv`, or a replicated cluster of `raftkv server`s).
+//! Server node ids come from the order of `--servers`: the i-th address (from
+//! 1) is node i. `kvsrv` is node 1, so it is listed alone (or first).
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -33,13 +33,13 @@ const EXIT_ERR_NO_KEY: u8 = 4;
 const EXIT_ERR_MAYBE: u8 = 5;
 
 /// Cluster name used when `--cluster-id` is not given.
-const DEFAULT_CLUSTER: &str = "raftkv";
+pub(crate) const DEFAULT_CLUSTER: &str = "raftkv";
 /// Node id of the single-node server.
 const KVSRV_NODE_ID: NodeId = 1;
 /// Command-line clients take random node ids at or above this, far from server ids.
-const CLIENT_ID_BASE: NodeId = 1 << 62;
+pub(crate) const CLIENT_ID_BASE: NodeId = 1 << 62;
 /// Longest wait for one RPC before the clerk tries again (or another server).
-const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Arguments of `raftkv kvsrv`.
 #[derive(Args, Debug)]
@@ -150,17 +150,17 @@ pub struct ReleaseArgs {
 
 /// FNV-1a (64 bits) of the cluster name: the numeric cluster id of the
 /// TCP handshake. Stable across versions, so names keep working.
-fn cluster_id(name: &str) -> u64 {
+pub(crate) fn cluster_id(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Runtime::new().context("cannot start the async runtime")
 }
 
-async fn resolve(address: &str) -> anyhow::Result<SocketAddr> {
+pub(crate) async fn resolve(address: &str) -> anyhow::Result<SocketAddr> {
     tokio::net::lookup_host(address)
         .await
         .with_context(|| format!("cannot resolve {address:?}"))?
@@ -168,7 +168,7 @@ async fn resolve(address: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("{address:?} resolves to no address"))
 }
 
-fn print_line(line: &str) -> anyhow::Result<()> {
+pub(crate) fn print_line(line: &str) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{line}")?;
     stdout.flush()?;
@@ -209,22 +209,47 @@ pub fn kvsrv(args: KvsrvArgs) -> anyhow::Result<ExitCode> {
 
 /// A clerk over a fresh TCP client transport for `args.servers`.
 async fn clerk(args: &ClientArgs) -> anyhow::Result<Clerk<EndpointRpc>> {
-    let node_id = CLIENT_ID_BASE + (rand::random::<u64>() >> 2);
-    let mut config = TcpConfig::client(cluster_id(&args.cluster_id), node_id);
-    config.call_timeout = CALL_TIMEOUT;
-    let mut servers = Vec::with_capacity(args.servers.len());
-    for (index, address) in args.servers.iter().enumerate() {
-        let id = index as NodeId + 1;
-        config.peers.insert(id, resolve(address).await?);
-        servers.push(id);
+    let mut addresses = Vec::with_capacity(args.servers.len());
+    for address in &args.servers {
+        addresses.push(resolve(address).await?);
     }
-    let transport = TcpTransport::start(config).await?;
+    let deadline = Duration::from_millis(args.timeout_ms);
+    clerk_for(cluster_id(&args.cluster_id), &addresses, deadline).await
+}
+
+/// A TCP client transport (with a random client node id) that knows
+/// `servers`: the i-th address (from 1) is node i. Returns the transport and
+/// the server ids.
+pub(crate) async fn client_transport(
+    cluster_id: u64,
+    servers: &[SocketAddr],
+) -> anyhow::Result<(TcpTransport, Vec<NodeId>)> {
+    let node_id = CLIENT_ID_BASE + (rand::random::<u64>() >> 2);
+    let mut config = TcpConfig::client(cluster_id, node_id);
+    config.call_timeout = CALL_TIMEOUT;
+    let mut ids = Vec::with_capacity(servers.len());
+    for (index, address) in servers.iter().enumerate() {
+        let id = index as NodeId + 1;
+        config.peers.insert(id, *address);
+        ids.push(id);
+    }
+    Ok((TcpTransport::start(config).await?, ids))
+}
+
+/// A clerk for the servers at `servers` (the i-th is node i) that gives up
+/// on an operation after `deadline`.
+pub(crate) async fn clerk_for(
+    cluster_id: u64,
+    servers: &[SocketAddr],
+    deadline: Duration,
+) -> anyhow::Result<Clerk<EndpointRpc>> {
+    let (transport, ids) = client_transport(cluster_id, servers).await?;
     let rpc = EndpointRpc::new(transport.endpoint(), CALL_TIMEOUT);
     let clerk_config = ClerkConfig {
-        deadline: Some(Duration::from_millis(args.timeout_ms)),
+        deadline: Some(deadline),
         ..ClerkConfig::default()
     };
-    Ok(Clerk::new(rpc, servers, clerk_config)?)
+    Ok(Clerk::new(rpc, ids, clerk_config)?)
 }
 
 /// Reports a failure (exit 1): on stderr, and with `--json` also as
