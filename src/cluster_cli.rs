@@ -554,12 +554,18 @@ struct DemoNode {
     child: Option<tokio::process::Child>,
 }
 
-/// The demo cluster: its directory, addresses, nodes, and a client.
+/// The demo cluster's processes: its directory, addresses and nodes.
 struct DemoCluster {
     exe: PathBuf,
     dir: PathBuf,
     addresses: Vec<SocketAddr>,
     nodes: Vec<DemoNode>,
+}
+
+/// The demo's client of the cluster: status calls and a clerk. Made once the
+/// servers listen, so its first connections succeed.
+struct DemoClient {
+    addresses: Vec<SocketAddr>,
     endpoint: Endpoint,
     clerk: Clerk<EndpointRpc>,
 }
@@ -754,6 +760,18 @@ impl DemoCluster {
         }
         Ok(())
     }
+}
+
+impl DemoClient {
+    async fn connect(addresses: &[SocketAddr]) -> anyhow::Result<DemoClient> {
+        let (transport, _) = client_transport(cluster_id(DEMO_CLUSTER), addresses).await?;
+        let clerk = clerk_for(cluster_id(DEMO_CLUSTER), addresses, DEMO_CLIENT_TIMEOUT).await?;
+        Ok(DemoClient {
+            addresses: addresses.to_vec(),
+            endpoint: transport.endpoint(),
+            clerk,
+        })
+    }
 
     async fn statuses(&self) -> Vec<NodeReport> {
         query_cluster(&self.endpoint, &self.addresses, DEMO_STATUS_TIMEOUT).await
@@ -884,8 +902,6 @@ fn seconds(since: Instant) -> String {
 
 async fn run_demo(exe: PathBuf, dir: &Path) -> anyhow::Result<()> {
     let addresses = free_ports(DEMO_NODES)?;
-    let (transport, _) = client_transport(cluster_id(DEMO_CLUSTER), &addresses).await?;
-    let clerk = clerk_for(cluster_id(DEMO_CLUSTER), &addresses, DEMO_CLIENT_TIMEOUT).await?;
     let mut cluster = DemoCluster {
         exe,
         dir: dir.to_path_buf(),
@@ -893,8 +909,6 @@ async fn run_demo(exe: PathBuf, dir: &Path) -> anyhow::Result<()> {
             .map(|id| DemoNode { id, child: None })
             .collect(),
         addresses,
-        endpoint: transport.endpoint(),
-        clerk,
     };
     say(&format!(
         "raftkv demo: a replicated key/value cluster of {DEMO_NODES} nodes on this machine."
@@ -922,7 +936,8 @@ async fn run_demo(exe: PathBuf, dir: &Path) -> anyhow::Result<()> {
             cluster.data_dir(id).display()
         ));
     }
-    let leader = cluster.wait_for_leader(0).await?;
+    let client = DemoClient::connect(&cluster.addresses).await?;
+    let leader = client.wait_for_leader(0).await?;
     say(&format!(
         "  the nodes elected node {} leader (term {}) in {}",
         leader.id,
@@ -934,11 +949,11 @@ async fn run_demo(exe: PathBuf, dir: &Path) -> anyhow::Result<()> {
     say(
         "step 2: write and read through the cluster (a put is acknowledged once a majority has it on disk)",
     );
-    cluster.put("color", "blue", 0).await?;
-    cluster.put("shape", "circle", 0).await?;
-    cluster.put("color", "red", 1).await?;
-    cluster.get("color", "").await?;
-    cluster.get("shape", "").await?;
+    client.put("color", "blue", 0).await?;
+    client.put("shape", "circle", 0).await?;
+    client.put("color", "red", 1).await?;
+    client.get("color", "").await?;
+    client.get("shape", "").await?;
 
     say("");
     let old_leader = leader.id;
@@ -947,15 +962,15 @@ async fn run_demo(exe: PathBuf, dir: &Path) -> anyhow::Result<()> {
     ));
     let killed = Instant::now();
     cluster.kill(old_leader).await?;
-    let leader = cluster.wait_for_leader(leader.term).await?;
+    let leader = client.wait_for_leader(leader.term).await?;
     say(&format!(
         "  the other two elected node {} leader (term {}) in {}",
         leader.id,
         leader.term,
         seconds(killed)
     ));
-    cluster.put("size", "large", 0).await?;
-    let (color, version) = cluster
+    client.put("size", "large", 0).await?;
+    let (color, version) = client
         .get("color", ": the acknowledged writes survived")
         .await?;
     if (color.as_str(), version) != ("red", 2) {
@@ -972,7 +987,7 @@ async fn run_demo(exe: PathBuf, dir: &Path) -> anyhow::Result<()> {
         "  node {old_leader} listening on {} again (pid {pid})",
         cluster.addresses[old_leader as usize - 1]
     ));
-    let applied = cluster.wait_caught_up(old_leader).await?;
+    let applied = client.wait_caught_up(old_leader).await?;
     say(&format!(
         "  node {old_leader} has applied index {applied}, as the leader has: caught up in {}",
         seconds(restarted)
@@ -981,13 +996,13 @@ async fn run_demo(exe: PathBuf, dir: &Path) -> anyhow::Result<()> {
         "  $ raftkv status --servers {} --cluster-id {DEMO_CLUSTER}",
         cluster.servers_flag()
     ));
-    say_indented(&render_status_table(&cluster.statuses().await));
+    say_indented(&render_status_table(&client.statuses().await));
 
     say("");
     say("step 5: stop the cluster: SIGTERM every node (each stops cleanly and exits 0)");
     cluster.stop_all().await?;
     say(&format!("  all {DEMO_NODES} nodes stopped"));
-    cluster.endpoint.shutdown().await;
+    client.endpoint.shutdown().await;
 
     say("");
     let inspected = cluster.data_dir(old_leader);

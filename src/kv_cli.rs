@@ -17,10 +17,14 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bytes::Bytes;
 use clap::{Args, Subcommand};
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
 use raftkv::NodeId;
 use raftkv::kv::{
-    Clerk, ClerkConfig, EndpointRpc, KvError, KvServer, KvServerConfig, Lock, LockConfig,
+    Clerk, ClerkConfig, EndpointRpc, KvError, KvServer, KvServerConfig, Lock, LockConfig, NodeRole,
+    fetch_status,
 };
+use raftkv::net::Endpoint;
 use raftkv::net::tcp::{TcpConfig, TcpTransport};
 use raftkv::storage::Store;
 use serde_json::json;
@@ -40,6 +44,8 @@ const KVSRV_NODE_ID: NodeId = 1;
 pub(crate) const CLIENT_ID_BASE: NodeId = 1 << 62;
 /// Longest wait for one RPC before the clerk tries again (or another server).
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a client asks the servers which one leads before its first RPC.
+const LEADER_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Arguments of `raftkv kvsrv`.
 #[derive(Args, Debug)]
@@ -237,19 +243,53 @@ pub(crate) async fn client_transport(
 }
 
 /// A clerk for the servers at `servers` (the i-th is node i) that gives up
-/// on an operation after `deadline`.
+/// on an operation after `deadline`. Its first RPC goes to the leader if a
+/// server names one (see [`leader_first`]).
 pub(crate) async fn clerk_for(
     cluster_id: u64,
     servers: &[SocketAddr],
     deadline: Duration,
 ) -> anyhow::Result<Clerk<EndpointRpc>> {
     let (transport, ids) = client_transport(cluster_id, servers).await?;
+    let ids = leader_first(&transport.endpoint(), ids).await;
     let rpc = EndpointRpc::new(transport.endpoint(), CALL_TIMEOUT);
     let clerk_config = ClerkConfig {
         deadline: Some(deadline),
         ..ClerkConfig::default()
     };
     Ok(Clerk::new(rpc, ids, clerk_config)?)
+}
+
+/// `ids` rotated so that the leader comes first, if a server names one in
+/// answer to the status RPC within [`LEADER_PROBE_TIMEOUT`] (all are asked at
+/// once; the first answer naming a leader wins); else `ids` unchanged.
+///
+/// Why: the clerk counts any RPC after the first as a re-send, and a put
+/// re-sent after a follower's ErrWrongLeader that then meets ErrVersion
+/// returns ErrMaybe (the follower's answer cannot say whether it appended the
+/// put). Starting at the leader makes a one-shot `raftkv put` answer
+/// ErrVersion when the cluster is stable, as it does against `kvsrv`.
+async fn leader_first(endpoint: &Endpoint, mut ids: Vec<NodeId>) -> Vec<NodeId> {
+    if ids.len() < 2 {
+        return ids;
+    }
+    let mut answers: FuturesUnordered<_> = ids
+        .iter()
+        .map(|&id| fetch_status(endpoint, id, LEADER_PROBE_TIMEOUT))
+        .collect();
+    while let Some(answer) = answers.next().await {
+        let Ok(status) = answer else { continue };
+        let leader = if status.role == NodeRole::Leader {
+            Some(status.id)
+        } else {
+            status.leader
+        };
+        if let Some(position) = leader.and_then(|leader| ids.iter().position(|&id| id == leader)) {
+            ids.rotate_left(position);
+            return ids;
+        }
+    }
+    ids
 }
 
 /// Reports a failure (exit 1): on stderr, and with `--json` also as
