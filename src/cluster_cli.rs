@@ -210,7 +210,8 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
         _ = terminate.recv() => { tracing::info!("server: SIGTERM"); None }
         _ = interrupt.recv() => { tracing::info!("server: SIGINT"); None }
         stopped = status.wait_for(|s| s.stopped.is_some()) => {
-            Some(stopped.map_or_else(|_| "unknown".to_owned(), |s| format!("{:?}", s.stopped)))
+            let reason = stopped.ok().and_then(|s| s.stopped.clone());
+            Some(reason.map_or_else(|| "unknown".to_owned(), |r| format!("{r:?}")))
         }
     };
     if stopped_by_itself.is_none() {

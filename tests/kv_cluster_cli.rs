@@ -396,7 +396,27 @@ struct Observed {
 
 const SHARED_KEYS: [&str; 3] = ["a", "b", "c"];
 const CHAOS_CLIENTS: u64 = 4;
-const CHAOS_FAULT_ROUNDS: usize = 4;
+
+/// A fault of the crash test's schedule.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// SIGKILL the leader.
+    KillLeader,
+    /// SIGKILL a follower (chosen by the seed).
+    KillFollower,
+    /// SIGTERM the leader: it hands leadership over under load and exits 0.
+    TerminateLeader,
+}
+
+/// The faults, in order; when each happens and how long the node stays down
+/// come from the seed.
+const CHAOS_FAULTS: [Fault; 5] = [
+    Fault::KillLeader,
+    Fault::KillFollower,
+    Fault::TerminateLeader,
+    Fault::KillLeader,
+    Fault::KillFollower,
+];
 
 /// One client of the chaos test: read a shared key and put a new value at
 /// the version read; every fourth step also create a write-once key.
@@ -462,9 +482,10 @@ async fn chaos_client(
     observed
 }
 
-// Three server processes under four concurrent clients; the leader and then a follower are
-// SIGKILLed at seeded random moments (twice each) and restarted with the same command. Afterwards
-// every acknowledged write reads back through the cluster and the history is linearizable.
+// Three server processes under four concurrent clients; at seeded random moments the leader or a
+// follower is SIGKILLed (twice each) and the leader once SIGTERMed (a handover under load), each
+// restarted with the same command. Afterwards every acknowledged write reads back through the
+// cluster and the history is linearizable.
 #[test]
 fn crashes_and_restarts_keep_acknowledged_writes_and_linearizability() {
     let seed = std::env::var("RAFTKV_CLUSTER_SEED")
@@ -499,7 +520,7 @@ fn crashes_and_restarts_keep_acknowledged_writes_and_linearizability() {
         .collect();
 
     let started = Instant::now();
-    for round in 0..CHAOS_FAULT_ROUNDS {
+    for (round, fault) in CHAOS_FAULTS.into_iter().enumerate() {
         // The fault schedule: how long the cluster runs before the crash and
         // how long the node stays down (not synchronisation: any moment is a
         // valid moment to crash).
@@ -507,29 +528,29 @@ fn crashes_and_restarts_keep_acknowledged_writes_and_linearizability() {
         let down_ms = rng.random_range(200..1200);
         std::thread::sleep(Duration::from_millis(before_ms));
         let leader = cluster.wait_for_leader();
-        let victim = if round % 2 == 0 {
-            leader.id
-        } else {
-            let followers: Vec<NodeId> = cluster
-                .ids()
-                .into_iter()
-                .filter(|&id| id != leader.id)
-                .collect();
-            followers[rng.random_range(0..followers.len())]
-        };
-        let role = if victim == leader.id {
-            "leader"
-        } else {
-            "follower"
+        let victim = match fault {
+            Fault::KillLeader | Fault::TerminateLeader => leader.id,
+            Fault::KillFollower => {
+                let followers: Vec<NodeId> = cluster
+                    .ids()
+                    .into_iter()
+                    .filter(|&id| id != leader.id)
+                    .collect();
+                followers[rng.random_range(0..followers.len())]
+            }
         };
         let puts = ok_puts.load(Ordering::Relaxed);
         eprintln!(
-            "{:.1} s: round {round}: SIGKILL node {victim} ({role} in term {}), {puts} puts \
-             acknowledged so far; down for {down_ms} ms",
+            "{:.1} s: round {round}: {fault:?}: node {victim} (leader in term {}: node {}), \
+             {puts} puts acknowledged so far; down for {down_ms} ms",
             started.elapsed().as_secs_f64(),
-            leader.term
+            leader.term,
+            leader.id
         );
-        cluster.kill(victim);
+        match fault {
+            Fault::KillLeader | Fault::KillFollower => cluster.kill(victim),
+            Fault::TerminateLeader => cluster.terminate(victim),
+        }
         std::thread::sleep(Duration::from_millis(down_ms));
         cluster.start(victim);
     }
