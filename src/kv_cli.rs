@@ -4,9 +4,9 @@
 //! Client commands only speak the key/value RPC through a [`Clerk`], which
 //! retries, moves to the next server on "no reply" and on ErrWrongLeader, and
 //! applies the ErrMaybe rule; so they work unchanged against any server kind
-//! (the single-node `kvsrv` now, a replicated cluster later). Server node ids
-//! come from the order of `--servers`: the i-th address (from 1) is node i.
-//! `kvsrv` is node 1, so it is listed alone (or first).
+//! (the single-node `kvsrv`, or a replicated cluster of `raftkv server`s).
+//! Server node ids come from the order of `--servers`: the i-th address (from
+//! 1) is node i. `kvsrv` is node 1, so it is listed alone (or first).
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -17,10 +17,14 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bytes::Bytes;
 use clap::{Args, Subcommand};
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
 use raftkv::NodeId;
 use raftkv::kv::{
-    Clerk, ClerkConfig, EndpointRpc, KvError, KvServer, KvServerConfig, Lock, LockConfig,
+    Clerk, ClerkConfig, EndpointRpc, KvError, KvServer, KvServerConfig, Lock, LockConfig, NodeRole,
+    fetch_status,
 };
+use raftkv::net::Endpoint;
 use raftkv::net::tcp::{TcpConfig, TcpTransport};
 use raftkv::storage::Store;
 use serde_json::json;
@@ -33,13 +37,15 @@ const EXIT_ERR_NO_KEY: u8 = 4;
 const EXIT_ERR_MAYBE: u8 = 5;
 
 /// Cluster name used when `--cluster-id` is not given.
-const DEFAULT_CLUSTER: &str = "raftkv";
+pub(crate) const DEFAULT_CLUSTER: &str = "raftkv";
 /// Node id of the single-node server.
 const KVSRV_NODE_ID: NodeId = 1;
 /// Command-line clients take random node ids at or above this, far from server ids.
-const CLIENT_ID_BASE: NodeId = 1 << 62;
+pub(crate) const CLIENT_ID_BASE: NodeId = 1 << 62;
 /// Longest wait for one RPC before the clerk tries again (or another server).
-const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a client asks the servers which one leads before its first RPC.
+const LEADER_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Arguments of `raftkv kvsrv`.
 #[derive(Args, Debug)]
@@ -150,7 +156,7 @@ pub struct ReleaseArgs {
 
 /// FNV-1a (64 bits) of the cluster name: the numeric cluster id of the
 /// TCP handshake. Stable across versions, so names keep working.
-fn cluster_id(name: &str) -> u64 {
+pub(crate) fn cluster_id(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
     })
@@ -160,7 +166,7 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Runtime::new().context("cannot start the async runtime")
 }
 
-async fn resolve(address: &str) -> anyhow::Result<SocketAddr> {
+pub(crate) async fn resolve(address: &str) -> anyhow::Result<SocketAddr> {
     tokio::net::lookup_host(address)
         .await
         .with_context(|| format!("cannot resolve {address:?}"))?
@@ -209,32 +215,101 @@ pub fn kvsrv(args: KvsrvArgs) -> anyhow::Result<ExitCode> {
 
 /// A clerk over a fresh TCP client transport for `args.servers`.
 async fn clerk(args: &ClientArgs) -> anyhow::Result<Clerk<EndpointRpc>> {
-    let (rpc, servers, clerk_config) = tcp_client(args).await?;
-    Ok(Clerk::new(rpc, servers, clerk_config)?)
+    let mut addresses = Vec::with_capacity(args.servers.len());
+    for address in &args.servers {
+        addresses.push(resolve(address).await?);
+    }
+    let deadline = Duration::from_millis(args.timeout_ms);
+    clerk_for(cluster_id(&args.cluster_id), &addresses, deadline).await
 }
 
 /// A fresh TCP client transport for `args.servers`: the RPC layer to build
-/// clerks on, the server ids (position in `--servers`, from 1) and the clerk
-/// settings (`--timeout-ms` as the deadline).
+/// clerks on, the server ids (leader first, see [`leader_first`]) and the
+/// clerk settings (`--timeout-ms` as the deadline).
 pub(crate) async fn tcp_client(
     args: &ClientArgs,
 ) -> anyhow::Result<(EndpointRpc, Vec<NodeId>, ClerkConfig)> {
-    let node_id = CLIENT_ID_BASE + (rand::random::<u64>() >> 2);
-    let mut config = TcpConfig::client(cluster_id(&args.cluster_id), node_id);
-    config.call_timeout = CALL_TIMEOUT;
-    let mut servers = Vec::with_capacity(args.servers.len());
-    for (index, address) in args.servers.iter().enumerate() {
-        let id = index as NodeId + 1;
-        config.peers.insert(id, resolve(address).await?);
-        servers.push(id);
+    let mut addresses = Vec::with_capacity(args.servers.len());
+    for address in &args.servers {
+        addresses.push(resolve(address).await?);
     }
-    let transport = TcpTransport::start(config).await?;
+    let (transport, ids) = client_transport(cluster_id(&args.cluster_id), &addresses).await?;
+    let ids = leader_first(&transport.endpoint(), ids).await;
     let rpc = EndpointRpc::new(transport.endpoint(), CALL_TIMEOUT);
     let clerk_config = ClerkConfig {
         deadline: Some(Duration::from_millis(args.timeout_ms)),
         ..ClerkConfig::default()
     };
-    Ok((rpc, servers, clerk_config))
+    Ok((rpc, ids, clerk_config))
+}
+
+/// A TCP client transport (with a random client node id) that knows
+/// `servers`: the i-th address (from 1) is node i. Returns the transport and
+/// the server ids.
+pub(crate) async fn client_transport(
+    cluster_id: u64,
+    servers: &[SocketAddr],
+) -> anyhow::Result<(TcpTransport, Vec<NodeId>)> {
+    let node_id = CLIENT_ID_BASE + (rand::random::<u64>() >> 2);
+    let mut config = TcpConfig::client(cluster_id, node_id);
+    config.call_timeout = CALL_TIMEOUT;
+    let mut ids = Vec::with_capacity(servers.len());
+    for (index, address) in servers.iter().enumerate() {
+        let id = index as NodeId + 1;
+        config.peers.insert(id, *address);
+        ids.push(id);
+    }
+    Ok((TcpTransport::start(config).await?, ids))
+}
+
+/// A clerk for the servers at `servers` (the i-th is node i) that gives up
+/// on an operation after `deadline`. Its first RPC goes to the leader if a
+/// server names one (see [`leader_first`]).
+pub(crate) async fn clerk_for(
+    cluster_id: u64,
+    servers: &[SocketAddr],
+    deadline: Duration,
+) -> anyhow::Result<Clerk<EndpointRpc>> {
+    let (transport, ids) = client_transport(cluster_id, servers).await?;
+    let ids = leader_first(&transport.endpoint(), ids).await;
+    let rpc = EndpointRpc::new(transport.endpoint(), CALL_TIMEOUT);
+    let clerk_config = ClerkConfig {
+        deadline: Some(deadline),
+        ..ClerkConfig::default()
+    };
+    Ok(Clerk::new(rpc, ids, clerk_config)?)
+}
+
+/// `ids` rotated so that the leader comes first, if a server names one in
+/// answer to the status RPC within [`LEADER_PROBE_TIMEOUT`] (all are asked at
+/// once; the first answer naming a leader wins); else `ids` unchanged.
+///
+/// Why: the clerk counts any RPC after the first as a re-send, and a put
+/// re-sent after a follower's ErrWrongLeader that then meets ErrVersion
+/// returns ErrMaybe (the follower's answer cannot say whether it appended the
+/// put). Starting at the leader makes a one-shot `raftkv put` answer
+/// ErrVersion when the cluster is stable, as it does against `kvsrv`.
+async fn leader_first(endpoint: &Endpoint, mut ids: Vec<NodeId>) -> Vec<NodeId> {
+    if ids.len() < 2 {
+        return ids;
+    }
+    let mut answers: FuturesUnordered<_> = ids
+        .iter()
+        .map(|&id| fetch_status(endpoint, id, LEADER_PROBE_TIMEOUT))
+        .collect();
+    while let Some(answer) = answers.next().await {
+        let Ok(status) = answer else { continue };
+        let leader = if status.role == NodeRole::Leader {
+            Some(status.id)
+        } else {
+            status.leader
+        };
+        if let Some(position) = leader.and_then(|leader| ids.iter().position(|&id| id == leader)) {
+            ids.rotate_left(position);
+            return ids;
+        }
+    }
+    ids
 }
 
 /// Reports a failure (exit 1): on stderr, and with `--json` also as

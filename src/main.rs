@@ -19,6 +19,7 @@ use raftkv::storage::{KvStorage, MrStorage, RaftLogStorage, Store, StoreConfig};
 use serde::Serialize;
 
 mod bench_cli;
+mod cluster_cli;
 mod kv_cli;
 
 /// raftkv: replicated durable state and MapReduce.
@@ -54,6 +55,16 @@ enum Command {
     Put(kv_cli::PutArgs),
     /// Print the value of KEY (exit 0), or ErrNoKey (exit 4).
     Get(kv_cli::GetArgs),
+    /// Run one node of a replicated key/value cluster over TCP until SIGINT
+    /// or SIGTERM. Prints `listening on ADDR` once bound; rerun the same
+    /// command to restart it from --data-dir.
+    Server(cluster_cli::ServerArgs),
+    /// Show each node of a cluster: reachable, role, term, leader, commit and
+    /// applied index, log size. Exits 1 only if no node answered.
+    Status(cluster_cli::StatusArgs),
+    /// Run a 3-node cluster on this machine and walk through a leader crash
+    /// and a restart, printing what happens.
+    Demo(cluster_cli::DemoArgs),
     /// Acquire or release a lock kept in the key NAME.
     Lock {
         #[command(subcommand)]
@@ -180,6 +191,9 @@ fn main() -> ExitCode {
         Command::Get(args) => kv_cli::get(args),
         Command::Lock { action } => kv_cli::lock(action),
         Command::Bench(args) => bench_cli::bench(args),
+        Command::Server(args) => cluster_cli::server(args),
+        Command::Status(args) => cluster_cli::status(args),
+        Command::Demo(args) => cluster_cli::demo(args),
         Command::Mr { command } => match command {
             MrCommand::Run(args) => mr_run(args),
             MrCommand::Coordinator(args) => mr_coordinator(args),
@@ -495,13 +509,23 @@ fn render_text(report: &Report) -> Result<String, std::fmt::Error> {
     Ok(out)
 }
 
-fn inspect(dir: &Path, json: bool, n: usize) -> anyhow::Result<()> {
+/// Opens a stopped node's directory for reading and builds its report.
+fn inspect_report(dir: &Path, n: usize) -> anyhow::Result<Report> {
     let config = StoreConfig {
         create_if_missing: false,
         ..StoreConfig::default()
     };
     let store = Store::open_with(dir, &config)?;
-    let report = build_report(&store, n)?;
+    build_report(&store, n)
+}
+
+/// What `raftkv inspect DIR --entries N` prints as text.
+fn inspect_text(dir: &Path, n: usize) -> anyhow::Result<String> {
+    Ok(render_text(&inspect_report(dir, n)?)?)
+}
+
+fn inspect(dir: &Path, json: bool, n: usize) -> anyhow::Result<()> {
+    let report = inspect_report(dir, n)?;
     let mut out = if json {
         serde_json::to_string_pretty(&report)?
     } else {

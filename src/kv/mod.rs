@@ -13,6 +13,9 @@
 //! - [`rpc`]: the request kind and reply type on the net layer, and
 //!   [`EndpointRpc`], the [`KvRpc`] over a [`crate::net::Endpoint`].
 //! - [`server`]: the single-node [`KvServer`] with group commit.
+//! - [`replicated`]: the [`RaftKvServer`], the same service replicated on Raft.
+//! - [`status`]: the status RPC of a replica ([`StatusRequest`] →
+//!   [`NodeStatus`]), what `raftkv status` shows.
 //!
 //! This module must not touch sockets, files or sled directly: `rpc` and
 //! `server` go through [`crate::net::Endpoint`] and the storage traits.
@@ -24,6 +27,7 @@ pub mod replicated;
 pub mod rpc;
 pub mod server;
 pub mod state_machine;
+pub mod status;
 pub mod types;
 
 pub use clerk::{Clerk, ClerkConfig, ClerkConfigError, KvClient, KvRpc, NoReply};
@@ -32,6 +36,7 @@ pub use replicated::{KV_SNAPSHOT_FORMAT, KvStateMachine, RaftKvConfig, RaftKvErr
 pub use rpc::{EndpointRpc, KV_REQUEST_KIND, KvResponse, ServerUnavailable};
 pub use server::{KvServer, KvServerConfig, KvServerError, KvServerStats};
 pub use state_machine::{Applied, MemoryKv, VersionedMap, apply, execute};
+pub use status::{KV_STATUS_KIND, NodeRole, NodeStatus, StatusRequest, fetch_status, serve_status};
 pub use types::{
     COMMAND_BYTES_MAX, COMMAND_FORMAT, DecodeError, KEY_BYTES_MAX, KvCommand, KvError, KvReply,
     REPLY_BYTES_MAX, REPLY_FORMAT, SizeLimitedField, VALUE_BYTES_MAX, Version, Versioned,

@@ -34,6 +34,7 @@ use tokio::sync::Semaphore;
 
 use super::rpc::{KvResponse, ServerUnavailable};
 use super::state_machine::MemoryKv;
+use super::status::serve_status;
 use super::types::{KvCommand, KvError, KvReply, Versioned};
 use crate::NodeId;
 use crate::net::{Endpoint, NetError};
@@ -162,8 +163,8 @@ pub enum RaftKvError {
     /// The replica could not start.
     #[error(transparent)]
     Start(#[from] RsmStartError),
-    /// The request handler could not be registered on the endpoint.
-    #[error("cannot register the kv request handler: {0}")]
+    /// The request or status handler could not be registered on the endpoint.
+    #[error("cannot register the kv request handlers: {0}")]
     Register(#[source] NetError),
     /// `requests_inflight_max` is zero.
     #[error("requests_inflight_max must be at least 1")]
@@ -178,8 +179,9 @@ pub struct RaftKvServer {
 
 impl RaftKvServer {
     /// Starts replica `id` of the cluster `voters` on `storage`, serving the
-    /// key/value RPC and Raft on `endpoint`. Restarting on the same storage
-    /// resumes from its snapshot and log.
+    /// key/value RPC, the status RPC ([`serve_status`]) and Raft on
+    /// `endpoint`. Restarting on the same storage resumes from its snapshot
+    /// and log.
     pub fn start<S: RaftLogStorage + 'static>(
         id: NodeId,
         voters: &[NodeId],
@@ -190,6 +192,9 @@ impl RaftKvServer {
         if config.requests_inflight_max == 0 {
             return Err(RaftKvError::InflightZero);
         }
+        // The node owns the storage; the status RPC only holds a weak handle.
+        let storage = Arc::new(storage);
+        let status_storage = Arc::downgrade(&storage);
         let rsm = Rsm::start(
             id,
             voters,
@@ -210,6 +215,7 @@ impl RaftKvServer {
                 serve(&rsm, command).await
             }
         });
+        let registered = registered.and_then(|()| serve_status(&endpoint, &rsm, status_storage));
         if let Err(error) = registered {
             let stopping = rsm.clone();
             tokio::spawn(async move { stopping.shutdown().await });

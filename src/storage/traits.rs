@@ -1,5 +1,7 @@
 //! The storage interfaces and their durability contract.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use super::{GroupId, StateMachineId, StorageError, WriteBatch};
@@ -125,6 +127,68 @@ pub trait RaftLogStorage: Storage {
         let mut batch = WriteBatch::with_capacity(1);
         batch.compact(group, through_index);
         self.commit(batch)
+    }
+}
+
+/// A shared store is a store, under the same contract: lets a service keep a
+/// handle on the storage it hands to a Raft node (the replicated key/value
+/// server keeps a [`Weak`](std::sync::Weak) one to report the log size).
+impl<T: Storage + ?Sized> Storage for Arc<T> {
+    fn commit(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        (**self).commit(batch)
+    }
+}
+
+impl<T: RaftLogStorage + ?Sized> RaftLogStorage for Arc<T> {
+    fn groups(&self) -> Result<Vec<GroupId>, StorageError> {
+        (**self).groups()
+    }
+    fn hard_state(&self, group: GroupId) -> Result<HardState, StorageError> {
+        (**self).hard_state(group)
+    }
+    fn first_index(&self, group: GroupId) -> Result<u64, StorageError> {
+        (**self).first_index(group)
+    }
+    fn last_index(&self, group: GroupId) -> Result<u64, StorageError> {
+        (**self).last_index(group)
+    }
+    fn term(&self, group: GroupId, index: u64) -> Result<u64, StorageError> {
+        (**self).term(group, index)
+    }
+    fn entries(
+        &self,
+        group: GroupId,
+        lo: u64,
+        hi: u64,
+        bytes_max: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        (**self).entries(group, lo, hi, bytes_max)
+    }
+    fn snapshot_meta(&self, group: GroupId) -> Result<SnapshotMeta, StorageError> {
+        (**self).snapshot_meta(group)
+    }
+    fn snapshot(&self, group: GroupId) -> Result<(SnapshotMeta, Bytes), StorageError> {
+        (**self).snapshot(group)
+    }
+    fn raft_state_bytes(&self, group: GroupId) -> Result<u64, StorageError> {
+        (**self).raft_state_bytes(group)
+    }
+    fn set_hard_state(&self, group: GroupId, hard_state: HardState) -> Result<(), StorageError> {
+        (**self).set_hard_state(group, hard_state)
+    }
+    fn append(&self, group: GroupId, entries: &[Entry]) -> Result<(), StorageError> {
+        (**self).append(group, entries)
+    }
+    fn install_snapshot(
+        &self,
+        group: GroupId,
+        meta: SnapshotMeta,
+        data: Bytes,
+    ) -> Result<(), StorageError> {
+        (**self).install_snapshot(group, meta, data)
+    }
+    fn compact(&self, group: GroupId, through_index: u64) -> Result<(), StorageError> {
+        (**self).compact(group, through_index)
     }
 }
 
