@@ -265,14 +265,12 @@ pub(crate) fn remove_intermediates(table: &TaskTable, dir: &Path) {
             .record(TaskId::Map(map))
             .map_or(0, |record| record.attempts);
         for attempt in 1..=attempts {
-            for reduce in 0..table.reduce_tasks() {
-                let path = dir.join(intermediate_file_name(map, reduce, attempt));
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        tracing::warn!(path = %path.display(), %e, "cannot remove intermediate file")
-                    }
+            let path = dir.join(intermediate_file_name(map, attempt));
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), %e, "cannot remove intermediate file")
                 }
             }
         }

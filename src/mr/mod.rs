@@ -24,8 +24,9 @@
 //! [`Endpoint`]: crate::net::Endpoint
 //! [`MrStorage`]: crate::storage::MrStorage
 //!
-//! Files of a job: intermediate files `mr-<m>-<r>-a<attempt>` in
-//! [`ExecConfig::intermediate_dir`] (binary, length-prefixed, checksummed), outputs
+//! Files of a job: intermediate files `mr-<m>-a<attempt>` (one per map attempt, holding the
+//! records of every reduce task, with an index) in [`ExecConfig::intermediate_dir`] (binary,
+//! length-prefixed, checksummed), outputs
 //! `mr-out-<r>` in [`ExecConfig::output_dir`] with one `key value` line per key, temporary
 //! files `.mr-tmp-*` renamed into place when complete.
 //!
@@ -67,7 +68,7 @@ mod table;
 pub mod test_apps;
 mod worker;
 
-pub use app::{App, AppError, Combiner, Emitter, ValueSource, Values};
+pub use app::{App, AppError, CombineOp, Combiner, Emitter, ValueSource, Values};
 pub use apps::{APP_NAMES, Indexer, WordCount, app_by_name, for_each_word};
 pub use config::ExecConfig;
 pub use coordinator::{Coordinator, CoordinatorConfig, JobReport, JobStart, TASK_STAT_VALUE_MAX};
