@@ -10,8 +10,8 @@
 //! - task execution on files ([`run_map`], [`run_reduce`]): streaming map with a bounded
 //!   combine table, partitioning by FNV-1a ([`partition`]), an external merge sort in reduce,
 //!   atomic renames so a crash never leaves partial output visible;
-//! - planning ([`plan_splits`]), the sequential reference ([`run_sequential`]) and the
-//!   in-process executor ([`run_job`]);
+//! - planning ([`plan_splits`], [`plan_splits_balanced`]), the sequential reference
+//!   ([`run_sequential`]) and the in-process executor ([`run_job`]);
 //! - the distributed drivers: the [`Coordinator`] (an RPC server over an [`Endpoint`] whose job
 //!   state is durable in an [`MrStorage`] store; see `coordinator.rs` for the durability rules)
 //!   and the worker loop ([`run_worker`]), speaking the protocol of [`RequestTask`],
@@ -83,7 +83,7 @@ pub use protocol::{
 };
 pub use reduce_task::run_reduce;
 pub use sequential::run_sequential;
-pub use split::{MapSplit, plan_splits};
+pub use split::{MapSplit, plan_splits, plan_splits_balanced};
 pub use table::{
     Assignment, Completion, Failure, JobStatus, MapTask, Progress, REDUCE_TASKS_MAX, ReduceTask,
     TASK_ERROR_BYTES_MAX, TableConfig, TaskId, TaskRecord, TaskState, TaskStats, TaskTable,
