@@ -2,7 +2,7 @@
 //!
 //! A *block* holds records of one reduce task; a spill run is one block, and an intermediate
 //! file (one per map attempt, `mr-<m>-a<attempt>`) is a sequence of blocks followed by an index
-//! that says which reduce task each block belongs to:
+//! that says where each reduce task's blocks are:
 //!
 //! ```text
 //! block   := header record* trailer
@@ -10,24 +10,26 @@
 //! record  := 0x01 key_len:varint value_len:varint key value
 //! trailer := 0x00 records:u64le crc:u32le
 //!
-//! file    := block* entry* footer
-//! entry   := reduce_task:u32le offset:u64le bytes:u64le
-//! footer  := entries:u64le reduce_tasks:u32le crc:u32le "RKMRX" version:u8 (= 1)
+//! file    := block* entry* slot{reduce_tasks} footer
+//! entry   := offset:u64le bytes:u64le                  (one per block)
+//! slot    := first_entry:u64le entries:u32le crc:u32le (one per reduce task, in order)
+//! footer  := reduce_tasks:u32le entries:u64le crc:u32le "RKMRX" version:u8 (= 1)
 //! ```
 //!
 //! Lengths are unsigned LEB128 of at most 5 bytes (u32). A block's `records` counts its records
-//! and its `crc` is the CRC-32 (IEEE) of every byte between its header and its trailer. Index
-//! entries list the blocks in file order; the blocks tile the file from byte 0 to the first
-//! entry, with no gap and no overlap. The footer's `crc` covers the entries and the footer's
-//! first 12 bytes. A map task keeps one bounded buffer per reduce task and writes it out as a
-//! block when full (and at the end), so a reduce task may have several blocks in one file, in
-//! the order their records were written, or none.
+//! and its `crc` is the CRC-32 (IEEE) of every byte between its header and its trailer. The
+//! entries are grouped by reduce task (reduce task 0's first), each group in file order; the
+//! slot of reduce task `r` names its group, and its `crc` covers `r`, `first_entry`, `entries`
+//! and the group's entries. The footer's `crc` covers its first 12 bytes. So a reduce task
+//! reads the footer, its slot and its entries — not the whole index — and every byte it
+//! depends on is checksummed. A map task keeps one bounded buffer per reduce task and writes
+//! it out as a block when full (and at the end), so a reduce task may have several blocks in
+//! one file, in the order their records were written, or none.
 //!
 //! A block or file without a valid trailer or footer is truncated; a reader reports any
 //! violation as [`MrError::Corrupt`] (with the byte offset in the file) and never panics. A
 //! block's CRC is only known at its end, so a consumer must not publish anything derived from
 //! a block before reading it to the end (reduce reads all its inputs before writing output).
-//! A reduce task reads the index and its own blocks, so every byte it depends on is checked.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -45,8 +47,9 @@ const VARINT_BYTES_MAX: usize = 5;
 const RECORD_HEAD_BYTES_MAX: usize = 1 + 2 * VARINT_BYTES_MAX;
 const INDEX_MAGIC: &[u8; 5] = b"RKMRX";
 const INDEX_VERSION: u8 = 1;
-const INDEX_ENTRY_BYTES: usize = 4 + 8 + 8;
-const FOOTER_BYTES: usize = 8 + 4 + 4 + 5 + 1;
+const INDEX_ENTRY_BYTES: usize = 8 + 8;
+const SLOT_BYTES: usize = 8 + 4 + 4;
+const FOOTER_BYTES: usize = 4 + 8 + 4 + 5 + 1;
 /// Index entries read at a time.
 const INDEX_READ_ENTRIES: usize = 4096;
 
@@ -199,8 +202,8 @@ pub(crate) struct IntermediateWriter<W: Write> {
     block_bytes: usize,
     /// Bytes written to `inner` so far: the offset of the next block.
     offset: u64,
-    /// The encoded index entries of the blocks written so far.
-    index: Vec<u8>,
+    /// Per reduce task, the encoded index entries of its blocks written so far.
+    index: Vec<Vec<u8>>,
     records: u64,
 }
 
@@ -221,7 +224,7 @@ impl<W: Write> IntermediateWriter<W> {
                 .collect(),
             block_bytes: block_bytes.max(HEADER_BYTES + TRAILER_BYTES),
             offset: 0,
-            index: Vec::new(),
+            index: (0..reduce_tasks).map(|_| Vec::new()).collect(),
             records: 0,
         }
     }
@@ -272,9 +275,9 @@ impl<W: Write> IntermediateWriter<W> {
         self.inner
             .write_all(&buffer.bytes)
             .map_err(|e| MrError::io("write intermediate file", &self.path, e))?;
-        self.index.extend_from_slice(&reduce_task.to_le_bytes());
-        self.index.extend_from_slice(&self.offset.to_le_bytes());
-        self.index.extend_from_slice(&bytes.to_le_bytes());
+        let entries = &mut self.index[reduce_task as usize];
+        entries.extend_from_slice(&self.offset.to_le_bytes());
+        entries.extend_from_slice(&bytes.to_le_bytes());
         self.offset += bytes;
         buffer.bytes.clear();
         buffer.records = 0;
@@ -298,31 +301,49 @@ impl<W: Write> IntermediateWriter<W> {
                 self.write_block(reduce_task)?;
             }
         }
-        let entries = (self.index.len() / INDEX_ENTRY_BYTES) as u64;
-        let mut footer = [0u8; FOOTER_BYTES];
-        footer[..8].copy_from_slice(&entries.to_le_bytes());
-        footer[8..12].copy_from_slice(&(self.buffers.len() as u32).to_le_bytes());
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&self.index);
-        crc.update(&footer[..12]);
-        footer[12..16].copy_from_slice(&crc.finalize().to_le_bytes());
-        footer[16..21].copy_from_slice(INDEX_MAGIC);
-        footer[21] = INDEX_VERSION;
         let path = &self.path;
         let io = |e| MrError::io("write intermediate file", path, e);
-        self.inner.write_all(&self.index).map_err(io)?;
+        let mut slots = Vec::with_capacity(self.index.len() * SLOT_BYTES);
+        let mut first_entry = 0u64;
+        for (reduce_task, entries) in self.index.iter().enumerate() {
+            let count = (entries.len() / INDEX_ENTRY_BYTES) as u32;
+            let crc = entries_crc(reduce_task as u32, first_entry, count, entries);
+            slots.extend_from_slice(&first_entry.to_le_bytes());
+            slots.extend_from_slice(&count.to_le_bytes());
+            slots.extend_from_slice(&crc.to_le_bytes());
+            self.inner.write_all(entries).map_err(io)?;
+            first_entry += u64::from(count);
+        }
+        self.inner.write_all(&slots).map_err(io)?;
+        let mut footer = [0u8; FOOTER_BYTES];
+        footer[..4].copy_from_slice(&(self.buffers.len() as u32).to_le_bytes());
+        footer[4..12].copy_from_slice(&first_entry.to_le_bytes());
+        let crc = crc32fast::hash(&footer[..12]);
+        footer[12..16].copy_from_slice(&crc.to_le_bytes());
+        footer[16..21].copy_from_slice(INDEX_MAGIC);
+        footer[21] = INDEX_VERSION;
         self.inner.write_all(&footer).map_err(io)?;
         self.inner.flush().map_err(io)?;
-        Ok((
-            self.inner,
-            self.offset + self.index.len() as u64 + FOOTER_BYTES as u64,
-        ))
+        let index_bytes = first_entry * INDEX_ENTRY_BYTES as u64 + slots.len() as u64;
+        Ok((self.inner, self.offset + index_bytes + FOOTER_BYTES as u64))
     }
 }
 
-/// Reads and checks the index of the intermediate file `file` (named `path` in errors) and
-/// returns the blocks of `reduce_task`, in file order. Only the index is read; the blocks are
-/// checked as they are read.
+/// The checksum of a reduce task's index entries, bound to its slot: the reduce task, its
+/// first entry and its entry count, then the entries.
+fn entries_crc(reduce_task: u32, first_entry: u64, count: u32, entries: &[u8]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&reduce_task.to_le_bytes());
+    crc.update(&first_entry.to_le_bytes());
+    crc.update(&count.to_le_bytes());
+    crc.update(entries);
+    crc.finalize()
+}
+
+/// Reads and checks the part of the index of the intermediate file `file` (named `path` in
+/// errors) that `reduce_task` needs — the footer, its slot and its entries, not the other
+/// reduce tasks' — and returns its blocks, in file order. The blocks are checked as they are
+/// read.
 pub(crate) fn read_index<F: Read + Seek>(
     file: &mut F,
     path: &Path,
@@ -350,65 +371,90 @@ pub(crate) fn read_index<F: Read + Seek>(
         let reason = format!("unsupported index version {}", footer[21]);
         return Err(corrupt(footer_offset, reason));
     }
-    let entries = u64::from_le_bytes(footer[..8].try_into().expect("8 bytes"));
-    let reduce_tasks = u32::from_le_bytes(footer[8..12].try_into().expect("4 bytes"));
-    let stored_crc = u32::from_le_bytes(footer[12..16].try_into().expect("4 bytes"));
-    let index_start = entries
-        .checked_mul(INDEX_ENTRY_BYTES as u64)
-        .and_then(|index_bytes| footer_offset.checked_sub(index_bytes));
-    let Some(index_start) = index_start else {
-        let reason = format!("the index of {entries} entries is larger than the file");
-        return Err(corrupt(footer_offset, reason));
-    };
-    // Read the index in pieces of whole entries, so memory stays bounded however many blocks
-    // the file has; keep only this reduce task's blocks.
-    file.seek(SeekFrom::Start(index_start)).map_err(io)?;
-    let mut crc = crc32fast::Hasher::new();
-    let mut piece = vec![0u8; INDEX_ENTRY_BYTES * INDEX_READ_ENTRIES.min(entries.max(1) as usize)];
-    let mut blocks = Vec::new();
-    let (mut remaining, mut next_block, mut entry_offset) = (entries, 0u64, index_start);
-    while remaining > 0 {
-        let count = remaining.min((piece.len() / INDEX_ENTRY_BYTES) as u64) as usize;
-        let piece = &mut piece[..count * INDEX_ENTRY_BYTES];
-        file.read_exact(piece).map_err(io)?;
-        crc.update(piece);
-        for entry in piece.chunks_exact(INDEX_ENTRY_BYTES) {
-            let task = u32::from_le_bytes(entry[..4].try_into().expect("4 bytes"));
-            let offset = u64::from_le_bytes(entry[4..12].try_into().expect("8 bytes"));
-            let bytes = u64::from_le_bytes(entry[12..20].try_into().expect("8 bytes"));
-            if task >= reduce_tasks {
-                let reason = format!("index entry for reduce task {task} of {reduce_tasks}");
-                return Err(corrupt(entry_offset, reason));
-            }
-            if offset != next_block || bytes < (HEADER_BYTES + TRAILER_BYTES) as u64 {
-                let reason = format!(
-                    "index entry for a block of {bytes} bytes at {offset}, expected one at {next_block}"
-                );
-                return Err(corrupt(entry_offset, reason));
-            }
-            next_block = offset.saturating_add(bytes);
-            if task == reduce_task {
-                blocks.push(Block { offset, bytes });
-            }
-            entry_offset += INDEX_ENTRY_BYTES as u64;
-        }
-        remaining -= count as u64;
-    }
-    if next_block != index_start {
-        let reason = format!("the blocks end at {next_block}, the index starts at {index_start}");
-        return Err(corrupt(index_start, reason));
-    }
-    crc.update(&footer[..12]);
-    let actual = crc.finalize();
-    if actual != stored_crc {
+    let stored = u32::from_le_bytes(footer[12..16].try_into().expect("4 bytes"));
+    let actual = crc32fast::hash(&footer[..12]);
+    if stored != actual {
         let reason =
-            format!("index checksum mismatch (stored {stored_crc:#010x}, computed {actual:#010x})");
+            format!("footer checksum mismatch (stored {stored:#010x}, computed {actual:#010x})");
         return Err(corrupt(footer_offset, reason));
     }
+    let reduce_tasks = u32::from_le_bytes(footer[..4].try_into().expect("4 bytes"));
+    let entries_total = u64::from_le_bytes(footer[4..12].try_into().expect("8 bytes"));
     if reduce_task >= reduce_tasks {
         let reason =
             format!("written for {reduce_tasks} reduce tasks, read by reduce task {reduce_task}");
         return Err(corrupt(footer_offset, reason));
+    }
+    let slots_start = footer_offset.checked_sub(u64::from(reduce_tasks) * SLOT_BYTES as u64);
+    let entries_start = slots_start.and_then(|slots_start| {
+        entries_total
+            .checked_mul(INDEX_ENTRY_BYTES as u64)
+            .and_then(|entries_bytes| slots_start.checked_sub(entries_bytes))
+    });
+    let (Some(slots_start), Some(entries_start)) = (slots_start, entries_start) else {
+        let reason = format!(
+            "an index of {reduce_tasks} slots and {entries_total} entries is larger than the file"
+        );
+        return Err(corrupt(footer_offset, reason));
+    };
+    let slot_offset = slots_start + u64::from(reduce_task) * SLOT_BYTES as u64;
+    let mut slot = [0u8; SLOT_BYTES];
+    file.seek(SeekFrom::Start(slot_offset)).map_err(io)?;
+    file.read_exact(&mut slot).map_err(io)?;
+    let first_entry = u64::from_le_bytes(slot[..8].try_into().expect("8 bytes"));
+    let count = u32::from_le_bytes(slot[8..12].try_into().expect("4 bytes"));
+    let stored = u32::from_le_bytes(slot[12..16].try_into().expect("4 bytes"));
+    if first_entry
+        .checked_add(u64::from(count))
+        .is_none_or(|end| end > entries_total)
+    {
+        let reason = format!(
+            "slot of reduce task {reduce_task}: entries {first_entry}+{count} of {entries_total}"
+        );
+        return Err(corrupt(slot_offset, reason));
+    }
+    // Read the entries in pieces, so memory stays bounded however many blocks there are.
+    let mut entry_offset = entries_start + first_entry * INDEX_ENTRY_BYTES as u64;
+    file.seek(SeekFrom::Start(entry_offset)).map_err(io)?;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&reduce_task.to_le_bytes());
+    crc.update(&first_entry.to_le_bytes());
+    crc.update(&count.to_le_bytes());
+    let mut piece = vec![0u8; INDEX_ENTRY_BYTES * INDEX_READ_ENTRIES.min(count.max(1) as usize)];
+    let mut blocks = Vec::new();
+    let (mut remaining, mut previous_end) = (count as usize, 0u64);
+    while remaining > 0 {
+        let n = remaining.min(piece.len() / INDEX_ENTRY_BYTES);
+        let piece = &mut piece[..n * INDEX_ENTRY_BYTES];
+        file.read_exact(piece).map_err(io)?;
+        crc.update(piece);
+        for entry in piece.chunks_exact(INDEX_ENTRY_BYTES) {
+            let offset = u64::from_le_bytes(entry[..8].try_into().expect("8 bytes"));
+            let bytes = u64::from_le_bytes(entry[8..].try_into().expect("8 bytes"));
+            let end = offset.checked_add(bytes);
+            if offset < previous_end
+                || bytes < (HEADER_BYTES + TRAILER_BYTES) as u64
+                || end.is_none_or(|end| end > entries_start)
+            {
+                let reason = format!(
+                    "index entry for a block of {bytes} bytes at {offset} (blocks end at \
+                     {entries_start}, the previous one at {previous_end})"
+                );
+                return Err(corrupt(entry_offset, reason));
+            }
+            previous_end = offset + bytes;
+            blocks.push(Block { offset, bytes });
+            entry_offset += INDEX_ENTRY_BYTES as u64;
+        }
+        remaining -= n;
+    }
+    let actual = crc.finalize();
+    if actual != stored {
+        let reason = format!(
+            "index checksum mismatch for reduce task {reduce_task} (stored {stored:#010x}, \
+             computed {actual:#010x})"
+        );
+        return Err(corrupt(slot_offset, reason));
     }
     Ok(blocks)
 }
@@ -805,9 +851,9 @@ mod tests {
         }
     }
 
-    // Proves flipping any byte of an intermediate file is detected by the reduce tasks that
-    // depend on it: by every reduce task if it is in the index, by the block's own reduce task
-    // if it is in a block.
+    // Proves flipping any byte of an intermediate file is detected: a byte of a block by the
+    // block's reduce task, any other byte (index entries, slots, footer) by a reduce task that
+    // depends on it. No byte goes unchecked.
     #[test]
     fn every_byte_flip_of_an_intermediate_file_is_detected() {
         let (_, bytes) = sample_file();
@@ -822,16 +868,38 @@ mod tests {
         for (i, owner) in owner.iter().enumerate() {
             let mut damaged = bytes.clone();
             damaged[i] ^= 0x41;
-            let readers: Vec<u32> = match owner {
-                Some(r) => vec![*r],
-                None => (0..4).collect(),
-            };
-            for r in readers {
-                assert!(
-                    matches!(decode_file(&damaged, r), Err(MrError::Corrupt { .. })),
-                    "flip at byte {i} was accepted by reduce task {r}"
-                );
+            let detected_by: Vec<u32> = (0..4)
+                .filter(|&r| matches!(decode_file(&damaged, r), Err(MrError::Corrupt { .. })))
+                .collect();
+            match owner {
+                Some(r) => assert!(
+                    detected_by.contains(r),
+                    "flip at byte {i} (a block of reduce task {r}) detected by {detected_by:?}"
+                ),
+                None => assert!(!detected_by.is_empty(), "flip at byte {i} went unnoticed"),
             }
+        }
+    }
+
+    // Proves a reduce task reads only its own part of the index: damage to another reduce
+    // task's slot does not affect it (so reading costs its own blocks, not R × M entries).
+    #[test]
+    fn reduce_tasks_read_only_their_own_index_slot() {
+        let (records, bytes) = sample_file();
+        let slot_1 = bytes.len() - FOOTER_BYTES - 4 * SLOT_BYTES + SLOT_BYTES;
+        let mut damaged = bytes.clone();
+        damaged[slot_1 + 12] ^= 0x41;
+        assert!(matches!(
+            decode_file(&damaged, 1),
+            Err(MrError::Corrupt { .. })
+        ));
+        for r in [0, 2] {
+            let expected: Records = records
+                .iter()
+                .filter(|(t, _, _)| *t == r)
+                .map(|(_, k, v)| (k.clone(), v.clone()))
+                .collect();
+            assert_eq!(decode_file(&damaged, r).unwrap(), expected);
         }
     }
 
