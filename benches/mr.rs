@@ -24,6 +24,8 @@ use raftkv::mr::{FastBuildHasher, JobConfig, WordCount, for_each_word, run_job};
 
 /// PySpark 4.0.1 local[2] on the same input and machine, from issue 6 (excluding 4.7 s start-up).
 const PYSPARK_SECONDS: f64 = 12.5;
+/// The input of the PySpark figure: the corpus this many times.
+const PYSPARK_COPIES: usize = 30;
 
 fn env_number(name: &str, default: usize) -> Result<usize> {
     match std::env::var(name) {
@@ -307,10 +309,12 @@ fn main() -> Result<()> {
             seconds(job_cpu) / seconds(tuned_cpu)
         );
     }
-    println!(
-        "  speed-up over PySpark local[2] ({PYSPARK_SECONDS} s, issue 6): {:.1}x (target >= 10)",
-        PYSPARK_SECONDS / seconds(job_time)
-    );
+    if copies == PYSPARK_COPIES {
+        println!(
+            "  speed-up over PySpark local[2] ({PYSPARK_SECONDS} s, issue 6): {:.1}x (target >= 10)",
+            PYSPARK_SECONDS / seconds(job_time)
+        );
+    }
     println!(
         "  load average (1 min) before / after: {load_before} / {} on {} CPUs",
         load_average(),
