@@ -111,7 +111,8 @@ struct MrRunArgs {
     /// Directory of the outputs mr-out-0 … mr-out-<R-1>.
     #[arg(long, value_name = "OUT")]
     output_dir: PathBuf,
-    /// Files larger than this are split into several map tasks at line boundaries.
+    /// Files larger than this are split at line boundaries into map tasks of equal size, at
+    /// most this size, as many as a multiple of W.
     #[arg(long, value_name = "BYTES", default_value_t = 16 << 20)]
     split_bytes: u64,
     /// A task running this long is handed to another worker.

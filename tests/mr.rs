@@ -12,9 +12,9 @@ use mr_support::{corpus, job_lines};
 use anyhow::Result;
 use raftkv::mr::test_apps::{TestAppEnv, test_app_by_name};
 use raftkv::mr::{
-    App, AppError, Emitter, ExecConfig, JobConfig, MapSplit, MapTask, MrError, ReduceTask, TaskId,
-    Values, app_by_name, intermediate_file_name, output_file_name, run_job, run_job_with, run_map,
-    run_reduce, run_sequential,
+    App, AppError, CombineOp, Combiner, Emitter, ExecConfig, JobConfig, MapSplit, MapTask, MrError,
+    ReduceTask, TaskId, Values, WordCount, app_by_name, intermediate_file_name, output_file_name,
+    run_job, run_job_with, run_map, run_reduce, run_sequential,
 };
 
 /// The sequential reference of a built-in app over the whole corpus, computed once per test
@@ -228,6 +228,118 @@ fn combiner_off_matches_sequential() -> Result<()> {
     Ok(())
 }
 
+/// `wc` with its combiner called once per value: the same `combine`, no declared `CombineOp`.
+struct PerValueWordCount;
+
+impl App for PerValueWordCount {
+    fn name(&self) -> &str {
+        "wc"
+    }
+
+    fn map(&self, filename: &str, contents: &[u8], emit: &mut Emitter<'_>) -> Result<(), AppError> {
+        WordCount.map(filename, contents, emit)
+    }
+
+    fn reduce(
+        &self,
+        key: &[u8],
+        values: &mut Values<'_>,
+        output: &mut Vec<u8>,
+    ) -> Result<(), AppError> {
+        WordCount.reduce(key, values, output)
+    }
+
+    fn combiner(&self) -> Option<&dyn Combiner> {
+        Some(self)
+    }
+}
+
+impl Combiner for PerValueWordCount {
+    fn combine(&self, key: &[u8], accumulator: &mut Vec<u8>, value: &[u8]) -> Result<(), AppError> {
+        WordCount.combine(key, accumulator, value)
+    }
+}
+
+/// Declares a u64 sum but emits 4-byte values.
+struct MalformedSum;
+
+impl App for MalformedSum {
+    fn name(&self) -> &str {
+        "malformed-sum"
+    }
+
+    fn map(&self, _: &str, _: &[u8], emit: &mut Emitter<'_>) -> Result<(), AppError> {
+        emit.emit(b"key", &1u32.to_le_bytes());
+        Ok(())
+    }
+
+    fn reduce(&self, _: &[u8], _: &mut Values<'_>, _: &mut Vec<u8>) -> Result<(), AppError> {
+        Ok(())
+    }
+
+    fn combiner(&self) -> Option<&dyn Combiner> {
+        Some(self)
+    }
+}
+
+impl Combiner for MalformedSum {
+    fn combine(&self, _: &[u8], _: &mut Vec<u8>, _: &[u8]) -> Result<(), AppError> {
+        Ok(())
+    }
+
+    fn op(&self) -> Option<CombineOp> {
+        Some(CombineOp::SumU64Le)
+    }
+}
+
+// Proves wc's native combine (CombineOp::SumU64Le) gives the same output as its combiner
+// called per value (and, without spills, the same intermediate bytes), with generous and tiny
+// combine budgets, and that a
+// value the declared operation cannot take fails the map task with a clear error.
+#[test]
+fn native_combine_matches_the_combiner() -> Result<()> {
+    let inputs = corpus()[..3].to_vec();
+    for combine_bytes in [32 << 20, 16 * 1024] {
+        let mut outputs = Vec::new();
+        let mut records = Vec::new();
+        for app in [
+            app_by_name("wc")?,
+            Arc::new(PerValueWordCount) as Arc<dyn App>,
+        ] {
+            let dir = tempfile::tempdir()?;
+            let mut config = config(dir.path(), 2);
+            config.table.reduce_tasks = 3;
+            config.exec.combine_buffer_bytes_max = combine_bytes;
+            let summary = run_job(app, &inputs, &config)?;
+            outputs.push(job_lines(dir.path()));
+            records.push((summary.progress.spills, summary.progress.intermediate_bytes));
+        }
+        assert_eq!(outputs[0], outputs[1], "budget {combine_bytes}");
+        if combine_bytes == 32 << 20 {
+            assert_eq!(records[0], records[1], "no spill: the same records written");
+        } else {
+            // Native entries are smaller, so the two tables spill at different points.
+            assert!(
+                records[0].0 > 0 && records[1].0 > 0,
+                "both spill: {records:?}"
+            );
+        }
+        assert_same(&outputs[0], &sequential_lines(&WordCount, &inputs));
+    }
+    let dir = tempfile::tempdir()?;
+    let input = dir.path().join("input.txt");
+    std::fs::write(&input, "a line\n")?;
+    let mut config = config(&dir.path().join("out"), 1);
+    config.table.task_failures_max = 1;
+    match run_job(Arc::new(MalformedSum), &[input], &config) {
+        Err(MrError::JobFailed { last_error, .. }) => {
+            assert!(last_error.contains("must be 8 bytes"), "{last_error}")
+        }
+        other => panic!("expected JobFailed, got {other:?}"),
+    }
+    Ok(())
+}
+
 /// Blocks the first map call of the first input until a reduce runs, then emits "stale";
 /// every later call of that input emits "fresh".
 struct StaleProbe {
@@ -410,7 +522,8 @@ fn persistent_failure_fails_the_job() -> Result<()> {
 }
 
 // Proves a corrupted, truncated or missing intermediate file makes the reduce fail with a
-// clear error naming the file, and leaves no output.
+// clear error naming the file, and leaves no output: a flipped byte anywhere in the file is
+// caught by a reduce task that reads it (each reads the index and its own blocks).
 #[test]
 fn damaged_intermediate_files_are_clear_errors() -> Result<()> {
     let input = corpus()
@@ -437,35 +550,49 @@ fn damaged_intermediate_files_are_clear_errors() -> Result<()> {
         },
         &exec,
     )?;
-    let path = exec.intermediate_dir.join(intermediate_file_name(0, 1, 1));
+    let path = exec.intermediate_dir.join(intermediate_file_name(0, 1));
     let original = std::fs::read(&path)?;
-    let reduce = ReduceTask {
-        task: 1,
+    let reduce = |task: u32| ReduceTask {
+        task,
         attempt: 1,
         map_attempts: vec![1],
     };
 
-    let mut flipped = original.clone();
-    let middle = flipped.len() / 2;
-    flipped[middle] ^= 0x20;
-    std::fs::write(&path, &flipped)?;
-    match run_reduce(&*app, &reduce, &exec) {
-        Err(MrError::Corrupt { path: p, .. }) => assert_eq!(p, path),
-        other => panic!("expected Corrupt, got {other:?}"),
+    // Flip bytes across the whole file, the index and footer at its end included.
+    let positions = (0..64)
+        .map(|i| i * original.len() / 64)
+        .chain(original.len() - 64..original.len());
+    for position in positions {
+        let mut flipped = original.clone();
+        flipped[position] ^= 0x20;
+        std::fs::write(&path, &flipped)?;
+        let mut caught = false;
+        for task in 0..2 {
+            match run_reduce(&*app, &reduce(task), &exec) {
+                Err(MrError::Corrupt { path: p, .. }) => {
+                    assert_eq!(p, path);
+                    assert!(!dir.path().join(output_file_name(task)).exists());
+                    caught = true;
+                }
+                Ok(_) => std::fs::remove_file(dir.path().join(output_file_name(task)))?,
+                Err(other) => panic!("expected Corrupt, got {other:?}"),
+            }
+        }
+        assert!(caught, "a flip at byte {position} went unnoticed");
     }
     std::fs::write(&path, &original[..original.len() - 5])?;
-    match run_reduce(&*app, &reduce, &exec) {
+    match run_reduce(&*app, &reduce(1), &exec) {
         Err(MrError::Corrupt { reason, .. }) => assert!(reason.contains("truncated"), "{reason}"),
         other => panic!("expected Corrupt, got {other:?}"),
     }
     std::fs::remove_file(&path)?;
-    match run_reduce(&*app, &reduce, &exec) {
+    match run_reduce(&*app, &reduce(1), &exec) {
         Err(MrError::Io { path: p, .. }) => assert_eq!(p, path),
         other => panic!("expected Io, got {other:?}"),
     }
     assert!(!dir.path().join(output_file_name(1)).exists());
     std::fs::write(&path, &original)?;
-    run_reduce(&*app, &reduce, &exec)?;
+    run_reduce(&*app, &reduce(1), &exec)?;
     assert!(dir.path().join(output_file_name(1)).exists());
     Ok(())
 }

@@ -12,7 +12,7 @@ use super::error::MrError;
 /// `sort_buffer_bytes_max` of records to sort plus one read buffer per merged run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExecConfig {
-    /// Directory of intermediate files `mr-<m>-<r>-a<attempt>` (shared by all workers).
+    /// Directory of intermediate files `mr-<m>-a<attempt>` (shared by all workers).
     pub intermediate_dir: PathBuf,
     /// Directory of the outputs `mr-out-<r>`.
     pub output_dir: PathBuf,
@@ -20,9 +20,10 @@ pub struct ExecConfig {
     pub map_chunk_bytes: usize,
     /// Longest input line accepted; a longer one fails the map task.
     pub map_line_bytes_max: usize,
-    /// Memory for the map-side combine table; it is flushed to the intermediate files when full.
+    /// Memory for the map-side combine table; it is flushed to the write buffers when full.
     pub combine_buffer_bytes_max: usize,
-    /// Write buffer of a map task, shared evenly by its R intermediate files (at least 4 KiB each).
+    /// Write buffer of a map task, shared evenly by its R reduce tasks (at least 4 KiB each);
+    /// a reduce task's buffer is written to the intermediate file as one block when full.
     pub map_write_buffer_bytes: usize,
     /// Memory for records a reduce task sorts at once; more data is spilled as sorted runs.
     pub sort_buffer_bytes_max: usize,

@@ -14,7 +14,7 @@ use super::config::ExecConfig;
 use super::error::MrError;
 use super::map_task::{TEMP_PREFIX, intermediate_file_name, output_file_name, run_map};
 use super::reduce_task::run_reduce;
-use super::split::plan_splits;
+use super::split::plan_splits_balanced;
 use super::table::{
     Assignment, Completion, JobStatus, Progress, TableConfig, TaskId, TaskTable, WorkerId,
 };
@@ -29,7 +29,8 @@ pub struct JobConfig {
     pub table: TableConfig,
     /// Number of worker threads, W (1..=[`WORKERS_MAX`]).
     pub workers: usize,
-    /// Files larger than this are split into several map tasks at line boundaries.
+    /// Files larger than this are split at line boundaries into map tasks of equal size, at
+    /// most this size, as many as a multiple of `workers` (see [`plan_splits_balanced`]).
     pub split_bytes: u64,
     /// Directories and memory budgets of task execution.
     pub exec: ExecConfig,
@@ -124,7 +125,7 @@ pub fn run_job_with(
     }
     config.exec.validate()?;
     let start = Instant::now();
-    let splits = plan_splits(inputs, config.split_bytes)?;
+    let splits = plan_splits_balanced(inputs, config.split_bytes, config.workers)?;
     let table = TaskTable::new(config.table.clone(), splits)?;
     check_writable(&config.exec.output_dir)?;
     check_writable(&config.exec.intermediate_dir)?;
@@ -265,14 +266,12 @@ pub(crate) fn remove_intermediates(table: &TaskTable, dir: &Path) {
             .record(TaskId::Map(map))
             .map_or(0, |record| record.attempts);
         for attempt in 1..=attempts {
-            for reduce in 0..table.reduce_tasks() {
-                let path = dir.join(intermediate_file_name(map, reduce, attempt));
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        tracing::warn!(path = %path.display(), %e, "cannot remove intermediate file")
-                    }
+            let path = dir.join(intermediate_file_name(map, attempt));
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), %e, "cannot remove intermediate file")
                 }
             }
         }

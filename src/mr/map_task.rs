@@ -1,4 +1,4 @@
-//! Executing a map task: read the split, map, combine, partition, write intermediate files.
+//! Executing a map task: read the split, map, combine, partition, write the intermediate file.
 
 use std::fs::File;
 use std::hash::BuildHasher;
@@ -9,18 +9,18 @@ use std::path::Path;
 use hashbrown::HashTable;
 use tempfile::NamedTempFile;
 
-use super::app::{App, Combiner, Emitter};
+use super::app::{App, AppError, CombineOp, Combiner, Emitter};
 use super::config::ExecConfig;
 use super::error::MrError;
-use super::format::RecordWriter;
+use super::format::IntermediateWriter;
 use super::hash::{FastBuildHasher, partition};
 use super::table::{MapTask, REDUCE_TASKS_MAX, TaskId, TaskStats};
 
-/// Name of the intermediate file that `attempt` of map task `map_task` writes for reduce task
-/// `reduce_task`: `mr-<m>-<r>-a<attempt>`. Each attempt has its own names, so a slow stale
-/// attempt can never replace the files of the attempt the coordinator accepted.
-pub fn intermediate_file_name(map_task: u32, reduce_task: u32, attempt: u32) -> String {
-    format!("mr-{map_task}-{reduce_task}-a{attempt}")
+/// Name of the intermediate file that `attempt` of map task `map_task` writes (one file for
+/// all reduce tasks): `mr-<m>-a<attempt>`. Each attempt has its own name, so a slow stale
+/// attempt can never replace the file of the attempt the coordinator accepted.
+pub fn intermediate_file_name(map_task: u32, attempt: u32) -> String {
+    format!("mr-{map_task}-a{attempt}")
 }
 
 /// Name of the output of reduce task `reduce_task`: `mr-out-<r>`.
@@ -55,67 +55,6 @@ pub(crate) fn persist(
     }
     temp.persist(target)
         .map_err(|e| MrError::io("rename into place", target, e.error))?;
-    Ok(())
-}
-
-/// Most threads [`persist_all`] uses to fsync files concurrently.
-const FSYNC_THREADS_MAX: usize = 16;
-
-/// Like [`persist`] for several files at once: flushes them all, fsyncs them all concurrently
-/// (up to [`FSYNC_THREADS_MAX`] threads, so the file system can commit them together instead of one journal
-/// commit after another), and only then renames each into place. A file is never visible under
-/// its target name before its contents are durable.
-pub(crate) fn persist_all(
-    writers: Vec<BufWriter<NamedTempFile>>,
-    targets: &[std::path::PathBuf],
-    sync: bool,
-) -> Result<(), MrError> {
-    assert_eq!(writers.len(), targets.len(), "one target per file");
-    let mut temps = Vec::with_capacity(writers.len());
-    for (writer, target) in writers.into_iter().zip(targets) {
-        let temp = writer
-            .into_inner()
-            .map_err(|e| MrError::io("flush", target, e.into_error()))?;
-        temps.push(temp);
-    }
-    if sync {
-        let threads = temps.len().min(FSYNC_THREADS_MAX);
-        let files: Vec<(&File, &std::path::PathBuf)> = temps
-            .iter()
-            .map(NamedTempFile::as_file)
-            .zip(targets)
-            .collect();
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads)
-                .map(|first| {
-                    let files = &files;
-                    std::thread::Builder::new()
-                        .name("mr-fsync".into())
-                        .spawn_scoped(scope, move || {
-                            for (file, target) in files.iter().skip(first).step_by(threads) {
-                                file.sync_all()
-                                    .map_err(|e| MrError::io("fsync", target, e))?;
-                            }
-                            Ok(())
-                        })
-                        .map_err(|e| MrError::io("spawn an fsync thread for", files[first].1, e))
-                })
-                .collect();
-            // Join every thread that started before reporting the first error.
-            let mut first_error = None;
-            for handle in handles {
-                let result = handle.and_then(|h| h.join().expect("fsync thread panicked"));
-                if let Err(e) = result {
-                    first_error.get_or_insert(e);
-                }
-            }
-            first_error.map_or(Ok(()), Err)
-        })?;
-    }
-    for (temp, target) in temps.into_iter().zip(targets) {
-        temp.persist(target)
-            .map_err(|e| MrError::io("rename into place", target, e.error))?;
-    }
     Ok(())
 }
 
@@ -252,41 +191,173 @@ impl SmallValue {
 }
 
 /// One key of the combine table with its accumulated value. The hash is not stored: the
-/// table is probed by the key bytes held inline, and a smaller entry (48 bytes instead of 64)
-/// means fewer cache misses on the per-word lookup; growing the table rehashes keys, which the
-/// fast hasher makes cheap.
-struct CombineEntry {
+/// table is probed by the key bytes held inline, and a smaller entry (32 bytes for a native
+/// sum, 48 with a [`SmallValue`]) means fewer cache misses on the per-word lookup; growing the
+/// table rehashes keys, which the fast hasher makes cheap.
+struct CombineEntry<V> {
     key: SmallKey,
-    value: SmallValue,
+    value: V,
 }
 
 /// Estimated malloc overhead of one allocation.
 const ALLOCATION_OVERHEAD_BYTES: usize = 16;
-/// Bytes per slot of the combine table itself (the entry plus hashbrown's control byte).
-const TABLE_SLOT_BYTES: usize = std::mem::size_of::<CombineEntry>() + 1;
 const _: () = assert!(
-    std::mem::size_of::<CombineEntry>() <= 48,
+    std::mem::size_of::<CombineEntry<SmallValue>>() <= 48,
     "combine entries stay small"
 );
+const _: () = assert!(
+    std::mem::size_of::<CombineEntry<u64>>() <= 32,
+    "native sum entries stay small"
+);
 
-/// The map-side combine table: one accumulated value per key, flushed when over budget.
-struct CombineTable<'a> {
+/// How the combine table folds the values of one key: [`ByCombiner`] calls the application's
+/// combiner, [`SumU64`] runs [`CombineOp::SumU64Le`] natively. The map task is compiled once
+/// per implementation, so a native fold is inlined into the per-pair path.
+trait Fold {
+    /// The accumulated value an entry holds.
+    type Value;
+    /// The accumulator of a key's first value.
+    fn start(&mut self, value: &[u8]) -> Result<Self::Value, AppError>;
+    /// Folds `value` into `accumulator`, both values of `key`.
+    fn fold(
+        &mut self,
+        key: &[u8],
+        accumulator: &mut Self::Value,
+        value: &[u8],
+    ) -> Result<(), AppError>;
+    /// Calls `f` with the encoded accumulated value.
+    fn with_bytes<T>(accumulator: &Self::Value, f: impl FnOnce(&[u8]) -> T) -> T;
+    /// Length of the encoded accumulated value.
+    fn encoded_len(accumulator: &Self::Value) -> usize;
+    /// Heap bytes the accumulated value owns beyond the entry, with allocation overhead.
+    fn heap_bytes(accumulator: &Self::Value) -> usize;
+}
+
+/// Folds through the application's [`Combiner::combine`].
+struct ByCombiner<'a> {
     combiner: &'a dyn Combiner,
-    entries: HashTable<CombineEntry>,
-    hasher: FastBuildHasher,
     /// The accumulator handed to the combiner for an inline value.
     scratch: Vec<u8>,
+}
+
+impl Fold for ByCombiner<'_> {
+    type Value = SmallValue;
+
+    fn start(&mut self, value: &[u8]) -> Result<SmallValue, AppError> {
+        Ok(SmallValue::new(value))
+    }
+
+    fn fold(
+        &mut self,
+        key: &[u8],
+        accumulator: &mut SmallValue,
+        value: &[u8],
+    ) -> Result<(), AppError> {
+        match accumulator {
+            SmallValue::Heap(bytes) => self.combiner.combine(key, bytes, value),
+            SmallValue::Inline { len, bytes } => {
+                let scratch = &mut self.scratch;
+                scratch.clear();
+                scratch.extend_from_slice(&bytes[..*len as usize]);
+                let result = self.combiner.combine(key, scratch, value);
+                if scratch.len() <= INLINE_VALUE_BYTES {
+                    bytes[..scratch.len()].copy_from_slice(scratch);
+                    *len = scratch.len() as u8;
+                } else {
+                    *accumulator = SmallValue::Heap(scratch.clone());
+                }
+                result
+            }
+        }
+    }
+
+    fn with_bytes<T>(accumulator: &SmallValue, f: impl FnOnce(&[u8]) -> T) -> T {
+        f(accumulator.as_slice())
+    }
+
+    fn encoded_len(accumulator: &SmallValue) -> usize {
+        accumulator.as_slice().len()
+    }
+
+    fn heap_bytes(accumulator: &SmallValue) -> usize {
+        accumulator.heap_bytes()
+    }
+}
+
+/// [`CombineOp::SumU64Le`], natively: the accumulator is the sum itself.
+struct SumU64;
+
+fn decode_u64(value: &[u8]) -> Result<u64, AppError> {
+    let bytes: [u8; 8] = value.try_into().map_err(|_| {
+        AppError::new(format!(
+            "SumU64Le: a value must be 8 bytes, got {} bytes",
+            value.len()
+        ))
+    })?;
+    Ok(u64::from_le_bytes(bytes))
+}
+
+impl Fold for SumU64 {
+    type Value = u64;
+
+    #[inline]
+    fn start(&mut self, value: &[u8]) -> Result<u64, AppError> {
+        decode_u64(value)
+    }
+
+    #[inline]
+    fn fold(&mut self, _key: &[u8], accumulator: &mut u64, value: &[u8]) -> Result<(), AppError> {
+        *accumulator = accumulator
+            .checked_add(decode_u64(value)?)
+            .ok_or_else(|| AppError::new("SumU64Le: the sum overflows u64"))?;
+        Ok(())
+    }
+
+    #[inline]
+    fn with_bytes<T>(accumulator: &u64, f: impl FnOnce(&[u8]) -> T) -> T {
+        f(&accumulator.to_le_bytes())
+    }
+
+    #[inline]
+    fn encoded_len(_: &u64) -> usize {
+        8
+    }
+
+    #[inline]
+    fn heap_bytes(_: &u64) -> usize {
+        0
+    }
+}
+
+/// The map-side combine table: one accumulated value per key, flushed when over budget.
+struct CombineTable<F: Fold> {
+    fold: F,
+    entries: HashTable<CombineEntry<F::Value>>,
+    hasher: FastBuildHasher,
     /// Heap bytes of boxed keys and heap values, including allocation overhead.
     heap_bytes: usize,
     budget_bytes: usize,
 }
 
-impl CombineTable<'_> {
+impl<F: Fold> CombineTable<F> {
+    /// Bytes per slot of the table itself (the entry plus hashbrown's control byte).
+    const SLOT_BYTES: usize = std::mem::size_of::<CombineEntry<F::Value>>() + 1;
+
+    fn new(fold: F, budget_bytes: usize) -> Self {
+        CombineTable {
+            fold,
+            entries: HashTable::with_capacity((budget_bytes / 256).min(1 << 14)),
+            hasher: FastBuildHasher::default(),
+            heap_bytes: 0,
+            budget_bytes,
+        }
+    }
+
     /// Memory of a table that holds `capacity` entries: hashbrown keeps at most 7/8 of its
     /// buckets full and has a power-of-two number of them.
     fn table_bytes(&self, capacity: usize) -> usize {
         let buckets = capacity.saturating_mul(8).div_ceil(7).next_power_of_two();
-        buckets.saturating_mul(TABLE_SLOT_BYTES)
+        buckets.saturating_mul(Self::SLOT_BYTES)
     }
 
     fn over_budget(&self) -> bool {
@@ -306,21 +377,35 @@ impl CombineTable<'_> {
     }
 }
 
+/// Write buffer of the intermediate file; blocks larger than this are written directly.
+const FILE_WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
 /// Everything map's emitter writes to.
-struct MapOutput<'a> {
+struct MapOutput<'a, F: Fold> {
     app_name: &'a str,
     task: TaskId,
-    partitions: Vec<RecordWriter<BufWriter<NamedTempFile>>>,
+    writer: IntermediateWriter<BufWriter<NamedTempFile>>,
     reduce_tasks: u32,
     record_bytes_max: usize,
-    combine: Option<CombineTable<'a>>,
+    combine: Option<CombineTable<F>>,
     /// The first error; once set, further pairs are dropped and the task fails.
     error: Option<MrError>,
     emitted: u64,
     spills: u64,
 }
 
-impl MapOutput<'_> {
+impl<F: Fold> MapOutput<'_, F> {
+    fn combine_error(&self, e: AppError) -> MrError {
+        MrError::App {
+            app: self.app_name.to_string(),
+            task: self.task,
+            message: format!("combine: {e}"),
+        }
+    }
+
+    /// Takes one pair from map: folds it into its key's entry, or adds an entry, or (without a
+    /// combiner) writes it out.
+    #[inline]
     fn emit(&mut self, key: &[u8], value: &[u8]) {
         if self.error.is_some() {
             return;
@@ -335,89 +420,87 @@ impl MapOutput<'_> {
             return;
         }
         let Some(table) = self.combine.as_mut() else {
-            let r = partition(key, self.reduce_tasks) as usize;
-            if let Err(e) = self.partitions[r].write(key, value) {
+            let r = partition(key, self.reduce_tasks);
+            if let Err(e) = self.writer.write(r, key, value) {
                 self.error = Some(e);
             }
             return;
         };
         let hash = table.hasher.hash_one(key);
-        let found = table
+        let Some(entry) = table
             .entries
-            .find_mut(hash, |entry| bytes_equal(entry.key.as_slice(), key));
-        if let Some(entry) = found {
-            let before = entry.value.heap_bytes();
-            let result = match &mut entry.value {
-                SmallValue::Heap(accumulator) => table.combiner.combine(key, accumulator, value),
-                SmallValue::Inline { len, bytes } => {
-                    let scratch = &mut table.scratch;
-                    scratch.clear();
-                    scratch.extend_from_slice(&bytes[..*len as usize]);
-                    let result = table.combiner.combine(key, scratch, value);
-                    if scratch.len() <= INLINE_VALUE_BYTES {
-                        bytes[..scratch.len()].copy_from_slice(scratch);
-                        *len = scratch.len() as u8;
-                    } else {
-                        entry.value = SmallValue::Heap(scratch.clone());
-                    }
-                    result
-                }
-            };
-            if let Err(e) = result {
-                self.error = Some(MrError::App {
-                    app: self.app_name.to_string(),
-                    task: self.task,
-                    message: format!("combine: {e}"),
-                });
-                return;
-            }
-            let combined = entry.value.as_slice().len();
-            if key.len() + combined > self.record_bytes_max {
-                self.error = Some(MrError::RecordTooLarge {
-                    key_bytes: key.len(),
-                    value_bytes: combined,
-                    max: self.record_bytes_max,
-                });
-                return;
-            }
-            table.heap_bytes = table.heap_bytes - before + entry.value.heap_bytes();
-        } else {
-            let key = SmallKey::new(key);
-            let value = SmallValue::new(value);
-            let bytes = key.heap_bytes() + value.heap_bytes();
-            if table.insert_would_overflow(bytes) && !table.entries.is_empty() {
+            .find_mut(hash, |entry| bytes_equal(entry.key.as_slice(), key))
+        else {
+            self.insert(hash, key, value);
+            return;
+        };
+        let before = F::heap_bytes(&entry.value);
+        if let Err(e) = table.fold.fold(key, &mut entry.value, value) {
+            self.error = Some(self.combine_error(e));
+            return;
+        }
+        let combined = F::encoded_len(&entry.value);
+        if key.len() + combined > self.record_bytes_max {
+            self.error = Some(MrError::RecordTooLarge {
+                key_bytes: key.len(),
+                value_bytes: combined,
+                max: self.record_bytes_max,
+            });
+            return;
+        }
+        let after = F::heap_bytes(&entry.value);
+        if after != before {
+            table.heap_bytes = table.heap_bytes - before + after;
+            if table.over_budget() && table.entries.len() > 1 {
                 self.spills += 1;
                 if let Err(e) = self.flush() {
                     self.error = Some(e);
-                    return;
                 }
-            }
-            let table = self.combine.as_mut().expect("combine table present");
-            let hasher = FastBuildHasher::default();
-            let entry = CombineEntry { key, value };
-            table
-                .entries
-                .insert_unique(hash, entry, |entry| hasher.hash_one(entry.key.as_slice()));
-            table.heap_bytes += bytes;
-        }
-        let table = self.combine.as_ref().expect("combine table present");
-        if table.over_budget() && table.entries.len() > 1 {
-            self.spills += 1;
-            if let Err(e) = self.flush() {
-                self.error = Some(e);
             }
         }
     }
 
-    /// Writes every combined pair to its partition and empties the table (keeping its slots).
+    /// Adds an entry for a key not in the table, flushing the table first if the entry would
+    /// take it over budget. Out of line: it runs once per distinct key per flush.
+    #[inline(never)]
+    fn insert(&mut self, hash: u64, key: &[u8], value: &[u8]) {
+        let table = self.combine.as_mut().expect("combine table present");
+        let value = match table.fold.start(value) {
+            Ok(value) => value,
+            Err(e) => {
+                self.error = Some(self.combine_error(e));
+                return;
+            }
+        };
+        let key = SmallKey::new(key);
+        let bytes = key.heap_bytes() + F::heap_bytes(&value);
+        if table.insert_would_overflow(bytes) && !table.entries.is_empty() {
+            self.spills += 1;
+            if let Err(e) = self.flush() {
+                self.error = Some(e);
+                return;
+            }
+        }
+        let table = self.combine.as_mut().expect("combine table present");
+        let hasher = FastBuildHasher::default();
+        table
+            .entries
+            .insert_unique(hash, CombineEntry { key, value }, |entry| {
+                hasher.hash_one(entry.key.as_slice())
+            });
+        table.heap_bytes += bytes;
+    }
+
+    /// Writes every combined pair to its reduce task's buffer and empties the table (keeping
+    /// its slots).
     fn flush(&mut self) -> Result<(), MrError> {
         let Some(table) = self.combine.as_mut() else {
             return Ok(());
         };
         for entry in table.entries.drain() {
             let key = entry.key.as_slice();
-            let r = partition(key, self.reduce_tasks) as usize;
-            self.partitions[r].write(key, entry.value.as_slice())?;
+            let r = partition(key, self.reduce_tasks);
+            F::with_bytes(&entry.value, |value| self.writer.write(r, key, value))?;
         }
         table.heap_bytes = 0;
         Ok(())
@@ -425,12 +508,13 @@ impl MapOutput<'_> {
 }
 
 /// Runs map task `task` of `app`: reads its split in chunks of whole lines, calls map on each,
-/// combines (if the application has a combiner and `config.use_combiner`), partitions pairs by
-/// [`partition`] and writes one intermediate file per reduce task to
-/// `config.intermediate_dir`, each under a temporary name renamed into place only when all are
-/// complete. A failure or panic leaves no intermediate file of this attempt visible (a process
-/// crash can leave some renamed ones, which no reduce reads: only the accepted attempt's files
-/// are read).
+/// combines (if the application has a combiner and `config.use_combiner`; natively if the
+/// combiner declares a [`CombineOp`]), partitions pairs by [`partition`] and writes one
+/// intermediate file, `mr-<m>-a<attempt>` in `config.intermediate_dir`, holding the records of
+/// every reduce task (see `format.rs`). The file is written under a temporary name and renamed
+/// into place (after an fsync with `config.sync_files`) only when complete, so a failure, panic
+/// or crash never leaves a partial intermediate file visible (a crash after the rename can
+/// leave a complete one, which no reduce reads unless the attempt was accepted).
 pub fn run_map(app: &dyn App, task: &MapTask, config: &ExecConfig) -> Result<TaskStats, MrError> {
     config.validate()?;
     if task.reduce_tasks == 0 || task.reduce_tasks > REDUCE_TASKS_MAX {
@@ -445,33 +529,44 @@ pub fn run_map(app: &dyn App, task: &MapTask, config: &ExecConfig) -> Result<Tas
             task.task
         )));
     }
+    let budget = config.combine_buffer_bytes_max;
+    match app.combiner().filter(|_| config.use_combiner) {
+        Some(combiner) => match combiner.op() {
+            Some(CombineOp::SumU64Le) => {
+                run_map_with(app, task, config, Some(CombineTable::new(SumU64, budget)))
+            }
+            None => {
+                let fold = ByCombiner {
+                    combiner,
+                    scratch: Vec::new(),
+                };
+                run_map_with(app, task, config, Some(CombineTable::new(fold, budget)))
+            }
+        },
+        None => run_map_with::<ByCombiner>(app, task, config, None),
+    }
+}
+
+fn run_map_with<F: Fold>(
+    app: &dyn App,
+    task: &MapTask,
+    config: &ExecConfig,
+    combine: Option<CombineTable<F>>,
+) -> Result<TaskStats, MrError> {
     let dir = &config.intermediate_dir;
     std::fs::create_dir_all(dir).map_err(|e| MrError::io("create directory", dir, e))?;
-    let buffer_bytes = (config.map_write_buffer_bytes / task.reduce_tasks as usize).max(4096);
-    let mut partitions = Vec::with_capacity(task.reduce_tasks as usize);
-    for r in 0..task.reduce_tasks {
-        let target = dir.join(intermediate_file_name(task.task, r, task.attempt));
-        let temp = temp_file_in(dir)?;
-        partitions.push(RecordWriter::new(
-            BufWriter::with_capacity(buffer_bytes, temp),
-            &target,
-        )?);
-    }
-    let combine = match app.combiner() {
-        Some(combiner) if config.use_combiner => Some(CombineTable {
-            combiner,
-            entries: HashTable::with_capacity((config.combine_buffer_bytes_max / 256).min(1 << 14)),
-            hasher: FastBuildHasher::default(),
-            scratch: Vec::new(),
-            heap_bytes: 0,
-            budget_bytes: config.combine_buffer_bytes_max,
-        }),
-        _ => None,
-    };
+    let target = dir.join(intermediate_file_name(task.task, task.attempt));
+    let block_bytes = (config.map_write_buffer_bytes / task.reduce_tasks as usize).max(4096);
+    let writer = IntermediateWriter::new(
+        BufWriter::with_capacity(FILE_WRITE_BUFFER_BYTES, temp_file_in(dir)?),
+        &target,
+        task.reduce_tasks,
+        block_bytes,
+    );
     let mut output = MapOutput {
         app_name: app.name(),
         task: TaskId::Map(task.task),
-        partitions,
+        writer,
         reduce_tasks: task.reduce_tasks,
         record_bytes_max: config.record_bytes_max,
         combine,
@@ -503,23 +598,16 @@ pub fn run_map(app: &dyn App, task: &MapTask, config: &ExecConfig) -> Result<Tas
     })?;
     output.flush()?;
 
-    let mut stats = TaskStats {
+    let output_records = output.writer.records();
+    let (buffered, output_bytes) = output.writer.finish()?;
+    let stats = TaskStats {
         input_bytes: task.split.len(),
         input_records: output.emitted,
+        output_records,
+        output_bytes,
         spills: output.spills,
-        ..TaskStats::default()
     };
-    let mut finished = Vec::with_capacity(output.partitions.len());
-    for writer in output.partitions {
-        stats.output_records += writer.records();
-        let (buffered, bytes) = writer.finish()?;
-        stats.output_bytes += bytes;
-        finished.push(buffered);
-    }
-    let targets: Vec<_> = (0..finished.len())
-        .map(|r| dir.join(intermediate_file_name(task.task, r as u32, task.attempt)))
-        .collect();
-    persist_all(finished, &targets, config.sync_files)?;
+    persist(buffered, &target, config.sync_files)?;
     if config.sync_files {
         sync_dir(dir)?;
     }

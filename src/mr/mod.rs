@@ -10,8 +10,8 @@
 //! - task execution on files ([`run_map`], [`run_reduce`]): streaming map with a bounded
 //!   combine table, partitioning by FNV-1a ([`partition`]), an external merge sort in reduce,
 //!   atomic renames so a crash never leaves partial output visible;
-//! - planning ([`plan_splits`]), the sequential reference ([`run_sequential`]) and the
-//!   in-process executor ([`run_job`]);
+//! - planning ([`plan_splits`], [`plan_splits_balanced`]), the sequential reference
+//!   ([`run_sequential`]) and the in-process executor ([`run_job`]);
 //! - the distributed drivers: the [`Coordinator`] (an RPC server over an [`Endpoint`] whose job
 //!   state is durable in an [`MrStorage`] store; see `coordinator.rs` for the durability rules)
 //!   and the worker loop ([`run_worker`]), speaking the protocol of [`RequestTask`],
@@ -24,8 +24,9 @@
 //! [`Endpoint`]: crate::net::Endpoint
 //! [`MrStorage`]: crate::storage::MrStorage
 //!
-//! Files of a job: intermediate files `mr-<m>-<r>-a<attempt>` in
-//! [`ExecConfig::intermediate_dir`] (binary, length-prefixed, checksummed), outputs
+//! Files of a job: intermediate files `mr-<m>-a<attempt>` (one per map attempt, holding the
+//! records of every reduce task, with an index) in [`ExecConfig::intermediate_dir`] (binary,
+//! length-prefixed, checksummed), outputs
 //! `mr-out-<r>` in [`ExecConfig::output_dir`] with one `key value` line per key, temporary
 //! files `.mr-tmp-*` renamed into place when complete.
 //!
@@ -67,7 +68,7 @@ mod table;
 pub mod test_apps;
 mod worker;
 
-pub use app::{App, AppError, Combiner, Emitter, ValueSource, Values};
+pub use app::{App, AppError, CombineOp, Combiner, Emitter, ValueSource, Values};
 pub use apps::{APP_NAMES, Indexer, WordCount, app_by_name, for_each_word};
 pub use config::ExecConfig;
 pub use coordinator::{Coordinator, CoordinatorConfig, JobReport, JobStart, TASK_STAT_VALUE_MAX};
@@ -82,7 +83,7 @@ pub use protocol::{
 };
 pub use reduce_task::run_reduce;
 pub use sequential::run_sequential;
-pub use split::{MapSplit, plan_splits};
+pub use split::{MapSplit, plan_splits, plan_splits_balanced};
 pub use table::{
     Assignment, Completion, Failure, JobStatus, MapTask, Progress, REDUCE_TASKS_MAX, ReduceTask,
     TASK_ERROR_BYTES_MAX, TableConfig, TaskId, TaskRecord, TaskState, TaskStats, TaskTable,

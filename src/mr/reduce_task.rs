@@ -2,20 +2,20 @@
 //! (external merge sort), reduce, write `mr-out-<r>` atomically.
 
 use std::fs::File;
-use std::io::{BufWriter, Seek, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use super::app::{App, ValueSource, Values};
 use super::config::ExecConfig;
 use super::error::MrError;
-use super::format::{RecordReader, RecordWriter};
+use super::format::{RecordReader, RecordWriter, read_index};
 use super::map_task::{
     intermediate_file_name, output_file_name, panic_message, persist, sync_dir, temp_file_in,
 };
 use super::table::{ReduceTask, TaskId, TaskStats};
 
-/// Read buffer per intermediate file while loading.
+/// Most read buffer per block of an intermediate file while loading.
 const INPUT_READ_BUFFER_BYTES: usize = 256 * 1024;
 /// Write buffer of the output file and of spill runs.
 const WRITE_BUFFER_BYTES: usize = 256 * 1024;
@@ -297,12 +297,13 @@ impl OutputWriter<'_> {
     }
 }
 
-/// Runs reduce task `task` of `app`: reads `mr-<m>-<r>-a<attempt>` for every map task (the
-/// accepted attempts listed in the task), sorts all records by key — in memory when they fit
+/// Runs reduce task `task` of `app`: reads its blocks of `mr-<m>-a<attempt>` for every map task
+/// (the accepted attempts listed in the task; the file's index says which blocks are this
+/// task's, see `format.rs`), sorts all records by key — in memory when they fit
 /// `sort_buffer_bytes_max`, else as spilled sorted runs merged `merge_fan_in_max` at a time —
 /// calls reduce once per key and writes `key value` lines to a temporary file renamed to
-/// `mr-out-<r>` in `config.output_dir` when complete. Every input is read (and checksummed) to
-/// the end before any output is written, and a failure leaves no output.
+/// `mr-out-<r>` in `config.output_dir` when complete. Every index and block it reads is read
+/// (and checksummed) to the end before any output is written, and a failure leaves no output.
 pub fn run_reduce(
     app: &dyn App,
     task: &ReduceTask,
@@ -315,15 +316,27 @@ pub fn run_reduce(
     let mut stats = TaskStats::default();
     let mut sorter = Sorter::new(config);
     for (map_task, &attempt) in task.map_attempts.iter().enumerate() {
-        let name = intermediate_file_name(map_task as u32, task.task, attempt);
+        let name = intermediate_file_name(map_task as u32, attempt);
         let path = config.intermediate_dir.join(name);
-        let mut reader =
-            RecordReader::open(&path, config.record_bytes_max, INPUT_READ_BUFFER_BYTES)?;
-        while reader.advance()? {
-            sorter.push(reader.key(), reader.value())?;
-            stats.input_records += 1;
+        let mut file =
+            File::open(&path).map_err(|e| MrError::io("open intermediate file", &path, e))?;
+        for block in read_index(&mut file, &path, task.task)? {
+            file.seek(SeekFrom::Start(block.offset))
+                .map_err(|e| MrError::io("seek in intermediate file", &path, e))?;
+            let buffer_bytes = INPUT_READ_BUFFER_BYTES.min(block.bytes as usize);
+            let mut reader = RecordReader::new(
+                (&mut file).take(block.bytes),
+                &path,
+                block.offset,
+                config.record_bytes_max,
+                buffer_bytes,
+            )?;
+            while reader.advance()? {
+                sorter.push(reader.key(), reader.value())?;
+                stats.input_records += 1;
+            }
+            stats.input_bytes += block.bytes;
         }
-        stats.input_bytes += reader.bytes_read();
     }
 
     let target = config.output_dir.join(output_file_name(task.task));
@@ -400,7 +413,7 @@ fn open_runs(runs: Vec<File>, config: &ExecConfig) -> Result<Vec<RecordReader<Fi
         .enumerate()
         .map(|(i, file)| {
             let label = config.intermediate_dir.join(format!("<spill run {i}>"));
-            RecordReader::new(file, &label, config.record_bytes_max, buffer_bytes)
+            RecordReader::new(file, &label, 0, config.record_bytes_max, buffer_bytes)
         })
         .collect()
 }

@@ -44,6 +44,32 @@ const SCAN_BLOCK_BYTES: usize = 64 * 1024;
 /// newlines past that point stays one split. Fails if an input is missing, is not a regular
 /// file, or its path is not UTF-8.
 pub fn plan_splits(inputs: &[PathBuf], split_bytes: u64) -> Result<Vec<MapSplit>, MrError> {
+    plan(inputs, split_bytes, None)
+}
+
+/// Like [`plan_splits`], but a file larger than `split_bytes_max` is cut into pieces of equal
+/// size (up to the end of a line), as many as it takes to keep them at most `split_bytes_max`
+/// long, rounded up to a multiple of `workers`: the map tasks of a large input then come in
+/// whole rounds of equally long tasks, instead of a last short round that leaves workers idle.
+/// Files no larger than `split_bytes_max` stay one split each, as in [`plan_splits`].
+pub fn plan_splits_balanced(
+    inputs: &[PathBuf],
+    split_bytes_max: u64,
+    workers: usize,
+) -> Result<Vec<MapSplit>, MrError> {
+    if workers == 0 {
+        return Err(MrError::Config("workers must be positive".into()));
+    }
+    plan(inputs, split_bytes_max, Some(workers as u64))
+}
+
+/// Plans the splits; with `pieces_multiple`, a file over `split_bytes` is cut into a multiple
+/// of that many pieces of equal size instead of pieces of `split_bytes` and a remainder.
+fn plan(
+    inputs: &[PathBuf],
+    split_bytes: u64,
+    pieces_multiple: Option<u64>,
+) -> Result<Vec<MapSplit>, MrError> {
     if split_bytes == 0 {
         return Err(MrError::Config("split_bytes must be positive".into()));
     }
@@ -67,10 +93,17 @@ pub fn plan_splits(inputs: &[PathBuf], split_bytes: u64) -> Result<Vec<MapSplit>
             });
             continue;
         }
+        let piece_bytes = match pieces_multiple {
+            None => split_bytes,
+            Some(multiple) => {
+                let pieces = size.div_ceil(split_bytes).next_multiple_of(multiple);
+                size.div_ceil(pieces)
+            }
+        };
         let mut file = File::open(input).map_err(|e| MrError::io("open input", input, e))?;
         let mut start = 0;
         while start < size {
-            let target = start + split_bytes;
+            let target = start + piece_bytes;
             let end = if target >= size {
                 size
             } else {
@@ -146,6 +179,59 @@ mod tests {
                 }
             }
         }
+    }
+
+    // Proves balanced planning cuts a large file into a multiple of W pieces of equal size (to
+    // the line), none over the maximum, tiling the file at line boundaries, and keeps smaller
+    // files whole.
+    #[test]
+    fn balanced_splits_come_in_whole_rounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut contents = Vec::new();
+        for i in 0..2000 {
+            contents.extend_from_slice(format!("line {i} {}\n", "y".repeat(i % 23)).as_bytes());
+        }
+        let large = dir.path().join("large.txt");
+        std::fs::write(&large, &contents).unwrap();
+        let small = dir.path().join("small.txt");
+        std::fs::write(&small, b"one\ntwo\n").unwrap();
+        let size = contents.len() as u64;
+        for (max, workers) in [(size / 5, 2), (size / 5, 4), (size / 2, 3), (size, 2)] {
+            let splits =
+                plan_splits_balanced(&[large.clone(), small.clone()], max, workers).unwrap();
+            let (pieces, rest) = splits.split_at(splits.len() - 1);
+            assert_eq!(
+                (rest[0].start, rest[0].end),
+                (0, 8),
+                "the small file stays whole"
+            );
+            if max >= size {
+                assert_eq!(pieces.len(), 1, "a file within the maximum stays whole");
+                continue;
+            }
+            assert_eq!(pieces.len() % workers, 0, "max {max}, {workers} workers");
+            assert_eq!(pieces.first().unwrap().start, 0);
+            assert_eq!(pieces.last().unwrap().end, size);
+            let even = size / pieces.len() as u64;
+            for pair in pieces.windows(2) {
+                assert_eq!(pair[0].end, pair[1].start, "splits must be contiguous");
+            }
+            for piece in pieces {
+                assert!(piece.len() <= max, "piece of {} over {max}", piece.len());
+                if piece.end < size {
+                    assert_eq!(
+                        contents[piece.end as usize - 1],
+                        b'\n',
+                        "cut after a newline"
+                    );
+                    assert!(piece.len().abs_diff(even) < 64, "{} vs {even}", piece.len());
+                }
+            }
+        }
+        assert!(matches!(
+            plan_splits_balanced(&[large], 10, 0),
+            Err(MrError::Config(_))
+        ));
     }
 
     // Proves a small file is one split and an empty file is one empty split.

@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use super::error::MrError;
 use super::split::MapSplit;
 
-/// Largest number of reduce tasks a job may have (each map task keeps one file open per reduce
-/// task, and the job creates map tasks × reduce tasks intermediate files).
+/// Largest number of reduce tasks a job may have (each map task keeps a write buffer of at
+/// least 4 KiB per reduce task).
 pub const REDUCE_TASKS_MAX: u32 = 10_000;
 
 /// Longest failure message kept per task, in bytes.
@@ -191,11 +191,12 @@ impl TaskRecord {
 pub struct MapTask {
     /// Map task number, `m`.
     pub task: u32,
-    /// Attempt number; names the intermediate files `mr-<m>-<r>-a<attempt>`.
+    /// Attempt number; names the intermediate file `mr-<m>-a<attempt>`.
     pub attempt: u32,
     /// The bytes to map.
     pub split: MapSplit,
-    /// Number of reduce tasks, `R`: the map writes one intermediate file per reduce task.
+    /// Number of reduce tasks, `R`: the map partitions its output into R parts (blocks of its
+    /// one intermediate file).
     pub reduce_tasks: u32,
 }
 
@@ -206,7 +207,8 @@ pub struct ReduceTask {
     pub task: u32,
     /// Attempt number.
     pub attempt: u32,
-    /// For each map task `m`, its accepted attempt: the reduce reads `mr-<m>-<r>-a<attempt>`.
+    /// For each map task `m`, its accepted attempt: the reduce reads its blocks of
+    /// `mr-<m>-a<attempt>`.
     pub map_attempts: Vec<u32>,
 }
 

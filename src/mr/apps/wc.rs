@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use crate::mr::app::{App, AppError, Combiner, Emitter, Values};
+use crate::mr::app::{App, AppError, CombineOp, Combiner, Emitter, Values};
 
 /// Word count: the output line of a word is `word count`.
 ///
@@ -93,6 +93,10 @@ impl Combiner for WordCount {
             .ok_or_else(|| AppError::new("wc: count overflows u64"))?;
         accumulator.copy_from_slice(&total.to_le_bytes());
         Ok(())
+    }
+
+    fn op(&self) -> Option<CombineOp> {
+        Some(CombineOp::SumU64Le)
     }
 }
 
