@@ -69,7 +69,18 @@ pub(crate) struct GroupState {
     pub(crate) last_term: u64,
     pub(crate) snapshot: SnapshotMeta,
     pub(crate) snapshot_bytes: u64,
+    /// Entries at or below this index are physically deleted. Compaction only
+    /// moves `base_index`; the entries it covers (`purged_through + 1 ..=
+    /// base_index`) are deleted a bounded number per later commit (see
+    /// [`PURGE_ENTRIES_PER_COMMIT_MIN`]), so compacting a long log never makes
+    /// one commit slow. Not persisted: derived from the first entry at open.
+    pub(crate) purged_through: u64,
 }
+
+/// Stale entries (below the log base) deleted per commit at least; a commit
+/// that appends many entries deletes up to twice as many, so purging always
+/// outpaces appending.
+pub(crate) const PURGE_ENTRIES_PER_COMMIT_MIN: u64 = 1024;
 
 /// The storage engine over one backend.
 pub(crate) struct Engine<B: Backend> {
@@ -211,6 +222,7 @@ impl<B: Backend> Engine<B> {
             for (position, op) in batch.ops.iter().enumerate() {
                 planner.plan(&batch.ops[..position], op)?;
             }
+            planner.purge(&batch.ops);
             let Planner {
                 working,
                 batch: backend_batch,
@@ -387,12 +399,18 @@ impl<B: Backend> Engine<B> {
                 total += (key.len() + value.as_ref().len()) as u64;
             }
         }
+        // Only the live log: stale entries below the base are being purged.
+        let state = _groups.get(&group).copied().unwrap_or_default();
         let prefix = group_key(TAG_ENTRY, group);
-        self.backend
-            .scan(&prefix, &end_of(&prefix), false, |key, value| {
+        self.backend.scan(
+            &entry_key(group, state.base_index + 1),
+            &end_of(&prefix),
+            false,
+            |key, value| {
                 total += (key.len() + value.as_ref().len()) as u64;
                 Ok(true)
-            })?;
+            },
+        )?;
         Ok(total)
     }
 
@@ -596,6 +614,7 @@ fn load_groups<B: Backend>(backend: &B) -> Result<BTreeMap<GroupId, GroupState>,
     for state in groups.values_mut() {
         state.last_index = state.base_index;
         state.last_term = state.base_term;
+        state.purged_through = state.base_index;
     }
     // Each group's first and last entry, jumping from group to group.
     let mut lo = vec![TAG_ENTRY];
@@ -625,7 +644,8 @@ fn load_groups<B: Backend>(backend: &B) -> Result<BTreeMap<GroupId, GroupState>,
         }
         let (last_term, _, _) = decode_entry(&last_key, last_value.as_ref())?;
         let state = groups.entry(group).or_default();
-        if first_index != state.base_index + 1 {
+        // Entries at or below the base are stale ones still to be purged.
+        if first_index > state.base_index + 1 {
             return Err(StorageError::Corruption {
                 record: format!("raft group {group} log"),
                 detail: format!(
@@ -634,8 +654,12 @@ fn load_groups<B: Backend>(backend: &B) -> Result<BTreeMap<GroupId, GroupState>,
                 ),
             });
         }
-        state.last_index = be_u64(&last_key, 9);
-        state.last_term = last_term;
+        state.purged_through = first_index - 1;
+        let last_index = be_u64(&last_key, 9);
+        if last_index > state.base_index {
+            state.last_index = last_index;
+            state.last_term = last_term;
+        }
         lo = group_end;
     }
     for (group, state) in &groups {
@@ -696,6 +720,10 @@ impl<B: Backend> Planner<'_, B> {
             state.snapshot.last_included_index <= state.base_index,
             "invariant: snapshot above log base"
         );
+        assert!(
+            state.purged_through <= state.base_index,
+            "invariant: purged past the log base"
+        );
         match self.working.iter_mut().find(|(g, _)| *g == group) {
             Some((_, slot)) => *slot = state,
             None => self.working.push((group, state)),
@@ -719,6 +747,39 @@ impl<B: Backend> Planner<'_, B> {
     fn delete_entries(&mut self, group: GroupId, from: u64, through: u64) {
         for index in from..=through {
             self.batch.delete(&entry_key(group, index));
+        }
+    }
+
+    /// Deletes stale entries below the log bases (oldest first), at most
+    /// `max(PURGE_ENTRIES_PER_COMMIT_MIN, 2 × entries appended by this batch)`.
+    fn purge(&mut self, ops: &[Op]) {
+        let appended: u64 = ops
+            .iter()
+            .map(|op| match op {
+                Op::Append { entries, .. } => entries.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        let mut budget = PURGE_ENTRIES_PER_COMMIT_MIN.max(2 * appended);
+        let groups: BTreeSet<GroupId> = self
+            .committed
+            .keys()
+            .copied()
+            .chain(self.working.iter().map(|(group, _)| *group))
+            .collect();
+        for group in groups {
+            if budget == 0 {
+                break;
+            }
+            let mut state = self.state(group);
+            if state.purged_through >= state.base_index {
+                continue;
+            }
+            let through = state.base_index.min(state.purged_through + budget);
+            self.delete_entries(group, state.purged_through + 1, through);
+            budget -= through - state.purged_through;
+            state.purged_through = through;
+            self.set_state(group, state);
         }
     }
 
@@ -891,10 +952,12 @@ impl<B: Backend> Planner<'_, B> {
         }
         let keep_suffix =
             index <= state.last_index && self.term_at(earlier, group, &state, index)? == term;
-        if keep_suffix {
-            self.delete_entries(group, state.base_index + 1, index);
-        } else {
-            self.delete_entries(group, state.base_index + 1, state.last_index);
+        // Entries up to `index` become stale (purged over the following
+        // commits); a discarded suffix above it goes now.
+        if !keep_suffix {
+            if state.last_index > index {
+                self.delete_entries(group, index + 1, state.last_index);
+            }
             state.last_index = index;
             state.last_term = term;
         }
@@ -934,7 +997,8 @@ impl<B: Backend> Planner<'_, B> {
             });
         }
         let term = self.term_at(earlier, group, &state, through_index)?;
-        self.delete_entries(group, state.base_index + 1, through_index);
+        // The covered entries become stale; `purge` deletes them over the
+        // following commits.
         state.base_index = through_index;
         state.base_term = term;
         let key = group_key(TAG_LOG_BASE, group);

@@ -131,8 +131,10 @@ impl WriteBatch {
     /// Installs a snapshot for `group` (Raft §7): if the log holds an entry at
     /// the snapshot's last included index with the same term, the entries
     /// after it are kept; otherwise the whole log is discarded. Either way the
-    /// entries the snapshot covers are deleted and the log's first index
-    /// becomes `last_included_index + 1`. The index must be at least 1 and not
+    /// entries the snapshot covers are gone from the log and its first index
+    /// becomes `last_included_index + 1` (their records are deleted over the
+    /// following commits, a bounded number per commit, as for
+    /// [`compact`](Self::compact)). The index must be at least 1 and not
     /// below the already compacted prefix.
     pub fn install_snapshot(
         &mut self,
@@ -144,8 +146,11 @@ impl WriteBatch {
         self
     }
 
-    /// Deletes the entries of `group` up to and including `through_index`,
+    /// Discards the entries of `group` up to and including `through_index`,
     /// remembering that entry's term so `term(through_index)` still answers.
+    /// They are gone from the log at once; their records are deleted over this
+    /// and the following commits, at most `max(1024, 2 × entries appended)`
+    /// per commit, so compacting a long log never makes one commit slow.
     /// Compacting at or below the compacted prefix is a no-op; beyond the last
     /// index is [`StorageError::Unavailable`](super::StorageError::Unavailable).
     /// The snapshot is not changed: compact past it only when the state machine

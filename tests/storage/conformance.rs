@@ -229,6 +229,85 @@ pub fn compaction_discards_the_prefix_and_keeps_its_term<H: Harness>(h: &mut H) 
     );
 }
 
+pub fn compacting_a_long_log_purges_it_over_later_commits<H: Harness>(h: &mut H) {
+    // Compacting 5,000 entries only moves the base; the stale entries are deleted at most
+    // max(1024, 2 x appended) per later commit, a reopen mid-purge reads the same log, and
+    // raft_state_bytes counts only the live log throughout.
+    let store = h.open();
+    for first in (1..=5000).step_by(500) {
+        store.append(G, &entries(first, first + 499, 1)).unwrap();
+    }
+    store.append(G, &entries(5001, 5010, 2)).unwrap();
+    let live_bytes = |store: &H::S| store.raft_state_bytes(G).unwrap();
+    let full = live_bytes(&store);
+    store.compact(G, 5000).unwrap();
+    let after_compaction = live_bytes(&store);
+    assert!(
+        after_compaction < full / 100,
+        "{after_compaction} of {full}"
+    );
+    let check = |store: &H::S, last: u64| {
+        assert_eq!(store.first_index(G).unwrap(), 5001);
+        assert_eq!(store.last_index(G).unwrap(), last);
+        assert_eq!(store.term(G, 5000).unwrap(), 1);
+        assert!(matches!(
+            store.term(G, 4000),
+            Err(StorageError::Compacted {
+                first_index: 5001,
+                ..
+            })
+        ));
+        assert!(matches!(
+            store.entries(G, 1, 5, u64::MAX),
+            Err(StorageError::Compacted { .. })
+        ));
+        assert_eq!(
+            store.entries(G, 5001, 5011, u64::MAX).unwrap(),
+            entries(5001, 5010, 2)
+        );
+    };
+    check(&store, 5010);
+    // One more commit purges part of the stale prefix; reopen in the middle of the purge.
+    store
+        .set_hard_state(
+            G,
+            HardState {
+                term: 2,
+                voted_for: Some(1),
+            },
+        )
+        .unwrap();
+    let before_reopen = live_bytes(&store);
+    let store = h.reopen(store);
+    check(&store, 5010);
+    assert_eq!(live_bytes(&store), before_reopen);
+    // Appends keep working and keep purging; a later compaction of the new entries too.
+    for index in 5011..=5020 {
+        store.append(G, &entries(index, index, 2)).unwrap();
+    }
+    store.compact(G, 5010).unwrap();
+    let store = h.reopen(store);
+    assert_eq!(store.first_index(G).unwrap(), 5011);
+    assert_eq!(
+        store.entries(G, 5011, 5021, u64::MAX).unwrap(),
+        entries(5011, 5020, 2)
+    );
+    // A snapshot that discards the log leaves nothing stale readable either.
+    store
+        .install_snapshot(G, snap(9000, 3), Bytes::from_static(b"state"))
+        .unwrap();
+    let store = h.reopen(store);
+    assert_eq!(
+        (store.first_index(G).unwrap(), store.last_index(G).unwrap()),
+        (9001, 9000)
+    );
+    store.append(G, &entries(9001, 9002, 3)).unwrap();
+    assert_eq!(
+        store.entries(G, 9001, 9003, u64::MAX).unwrap(),
+        entries(9001, 9002, 3)
+    );
+}
+
 pub fn snapshot_keeps_a_matching_suffix<H: Harness>(h: &mut H) {
     // A snapshot whose last entry matches the log keeps the entries after it.
     let store = h.open();
@@ -719,6 +798,7 @@ macro_rules! conformance_suite {
                 invalid_appends_are_rejected_without_change,
                 entries_respects_bounds_and_bytes_max,
                 compaction_discards_the_prefix_and_keeps_its_term,
+                compacting_a_long_log_purges_it_over_later_commits,
                 snapshot_keeps_a_matching_suffix,
                 snapshot_discards_a_conflicting_or_shorter_log,
                 stale_and_empty_snapshots_are_rejected,
@@ -767,6 +847,47 @@ fn mem_store_crash_loses_only_uncommitted_writes() {
         restarted.entries(G, 1, 4, u64::MAX).unwrap(),
         entries(1, 3, 1)
     );
+}
+
+#[test]
+fn mem_store_disk_sheds_a_compacted_log_within_bounded_commits() {
+    // The stale entries of a compacted log leave the disk within a bounded number of later
+    // commits (each deleting at most max(1024, 2 x appended)), and not all in the compaction's
+    // own commit.
+    let disk = MemDisk::new();
+    let store = MemStore::open(&disk).unwrap();
+    for first in (1..=4000).step_by(500) {
+        store.append(G, &entries(first, first + 499, 1)).unwrap();
+    }
+    let full = disk.size_bytes();
+    store.compact(G, 4000).unwrap();
+    let after_compaction = disk.size_bytes();
+    assert!(
+        after_compaction > full / 2,
+        "compaction itself deleted the prefix ({after_compaction} of {full} bytes left)"
+    );
+    // Same-sized hard-state commits: only the purge changes the disk's size.
+    let mut sizes = vec![after_compaction];
+    for term in 1..=6 {
+        store
+            .set_hard_state(
+                G,
+                HardState {
+                    term,
+                    voted_for: Some(1),
+                },
+            )
+            .unwrap();
+        sizes.push(disk.size_bytes());
+    }
+    // 4,000 stale entries at 1,024 per commit, the compaction's own commit included: three
+    // more commits shrink the disk, then it is stable.
+    assert!(
+        sizes[0] > sizes[1] && sizes[1] > sizes[2] && sizes[2] > sizes[3],
+        "{sizes:?}"
+    );
+    assert!(sizes[3..].iter().all(|&size| size == sizes[3]), "{sizes:?}");
+    assert!(sizes[3] < full / 100, "{sizes:?} of {full}");
 }
 
 #[test]
