@@ -2,20 +2,24 @@
 # Starts a 3-node `raftkv server` cluster on loopback (fresh data directories, free ports),
 # runs `raftkv bench` against it for each client count, and stops the cluster.
 #
-#   scripts/cluster-bench.sh [--duration 10s] [--clients "1 16 64"] [--workload put] [-- BENCH FLAGS]
+#   scripts/cluster-bench.sh [--duration 10s] [--clients "1 16 64"] [--workload put]
+#                            [--server-flags "--threads 2"] [-- BENCH FLAGS]
 #
 # Uses target/release/raftkv (build it first: cargo build --release) or $RAFTKV.
+# KEEP=1 keeps the data directories and server logs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${RAFTKV:-target/release/raftkv}
 DURATION=10s
 CLIENTS="1 16 64"
 WORKLOAD=put
+SERVER_FLAGS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION=$2; shift 2 ;;
     --clients) CLIENTS=$2; shift 2 ;;
     --workload) WORKLOAD=$2; shift 2 ;;
+    --server-flags) SERVER_FLAGS=$2; shift 2 ;;
     --) shift; break ;;
     *) echo "unknown flag $1" >&2; exit 2 ;;
   esac
@@ -38,7 +42,8 @@ print(*[x.getsockname()[1] for x in s])')
 CLUSTER="1=127.0.0.1:$P1,2=127.0.0.1:$P2,3=127.0.0.1:$P3"
 SERVERS="127.0.0.1:$P1,127.0.0.1:$P2,127.0.0.1:$P3"
 for id in 1 2 3; do
-  "$BIN" server --id "$id" --cluster "$CLUSTER" --data-dir "$DIR/node$id" \
+  # shellcheck disable=SC2086 # the flags are words
+  "$BIN" server --id "$id" --cluster "$CLUSTER" --data-dir "$DIR/node$id" $SERVER_FLAGS \
     >"$DIR/out$id" 2>"$DIR/err$id" &
   PIDS+=($!)
 done

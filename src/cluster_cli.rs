@@ -78,6 +78,12 @@ pub struct ServerArgs {
     /// log reaches BYTES (0: never snapshot, the log grows without bound).
     #[arg(long, value_name = "BYTES", default_value_t = MAXRAFTSTATE_BYTES_DEFAULT)]
     maxraftstate: u64,
+    /// Runtime threads: 1 runs the node on one thread (a current-thread
+    /// runtime, storage flushes inline: the fastest on small machines, where
+    /// the Raft driver is the only busy task); N > 1 a work-stealing runtime
+    /// with N workers, flushes under `block_in_place`.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
 }
 
 /// One `ID=HOST:PORT` of `--cluster`, checked for shape (not resolved yet).
@@ -162,7 +168,18 @@ async fn check_cluster(
 /// `raftkv server`: serves until SIGINT or SIGTERM, then hands leadership
 /// over (if it leads), stops the node and exits 0.
 pub fn server(args: ServerArgs) -> anyhow::Result<ExitCode> {
-    runtime()?.block_on(serve(args))
+    let runtime = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(args.threads))
+            .enable_all()
+            .build()
+    }
+    .context("cannot start the async runtime")?;
+    runtime.block_on(serve(args))
 }
 
 async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {

@@ -169,6 +169,11 @@ impl Cluster {
         if let Some(bytes) = self.maxraftstate {
             command.args(["--maxraftstate", &bytes.to_string()]);
         }
+        // Every cluster mixes both runtimes: node 2 on a 2-worker runtime,
+        // the others on one thread (the default).
+        if id == 2 {
+            command.args(["--threads", "2"]);
+        }
         command
     }
 
@@ -830,7 +835,7 @@ fn server_and_status_reject_bad_flags() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let data = data.to_str().unwrap();
-    let cases: [(&[&str], i32, &str); 9] = [
+    let cases: [(&[&str], i32, &str); 10] = [
         (
             &[
                 "--id",
@@ -892,6 +897,18 @@ fn server_and_status_reject_bad_flags() {
             "is not a node id",
         ),
         (&["--id", "1"], 2, "--cluster"),
+        (
+            &[
+                "--id",
+                "1",
+                "--cluster",
+                "1=127.0.0.1:7001",
+                "--threads",
+                "0",
+            ],
+            2,
+            "--threads",
+        ),
     ];
     for (args, code, message) in cases {
         let mut full = vec!["server"];

@@ -753,6 +753,10 @@ impl<B: Backend> Planner<'_, B> {
     /// Deletes stale entries below the log bases (oldest first), at most
     /// `max(PURGE_ENTRIES_PER_COMMIT_MIN, 2 × entries appended by this batch)`.
     fn purge(&mut self, ops: &[Op]) {
+        let stale = |state: &GroupState| state.purged_through < state.base_index;
+        if !self.committed.values().any(stale) && !self.working.iter().any(|(_, s)| stale(s)) {
+            return;
+        }
         let appended: u64 = ops
             .iter()
             .map(|op| match op {

@@ -184,22 +184,31 @@ pub(crate) struct SledBackend {
     db: sled::Db,
 }
 
-impl BackendBatch for sled::Batch {
+/// The writes of one commit, in order. A batch of one write is applied as a
+/// plain insert or remove (atomic on its own), which saves sled the batch
+/// manifest record and, at flush, a second sequential `sync_file_range`: a
+/// follower's single-entry append then costs one disk wait instead of two.
+#[derive(Default)]
+pub(crate) struct SledBatch {
+    writes: Vec<(sled::IVec, Option<sled::IVec>)>,
+}
+
+impl BackendBatch for SledBatch {
     fn put(&mut self, key: &[u8], value: &[u8]) {
-        self.insert(key, value);
+        self.writes.push((key.into(), Some(value.into())));
     }
 
     fn delete(&mut self, key: &[u8]) {
-        self.remove(key);
+        self.writes.push((key.into(), None));
     }
 }
 
 impl Backend for SledBackend {
     type Value = sled::IVec;
-    type Batch = sled::Batch;
+    type Batch = SledBatch;
 
-    fn new_batch(&self) -> sled::Batch {
-        sled::Batch::default()
+    fn new_batch(&self) -> SledBatch {
+        SledBatch::default()
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<sled::IVec>, StorageError> {
@@ -234,8 +243,24 @@ impl Backend for SledBackend {
         Ok(self.db.is_empty() && self.db.tree_names().len() <= 1)
     }
 
-    fn apply(&self, batch: sled::Batch) -> Result<(), StorageError> {
-        Ok(self.db.apply_batch(batch)?)
+    fn apply(&self, mut batch: SledBatch) -> Result<(), StorageError> {
+        if batch.writes.len() == 1 {
+            let (key, value) = batch.writes.pop().expect("one write");
+            match value {
+                Some(value) => self.db.insert(key, value)?,
+                None => self.db.remove(key)?,
+            };
+            return Ok(());
+        }
+        let mut sled_batch = sled::Batch::default();
+        for (key, value) in batch.writes {
+            match value {
+                // A later write of a key overrides an earlier one.
+                Some(value) => sled_batch.insert(key, value),
+                None => sled_batch.remove(key),
+            }
+        }
+        Ok(self.db.apply_batch(sled_batch)?)
     }
 
     fn flush(&self) -> Result<(), StorageError> {
