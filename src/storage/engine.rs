@@ -80,7 +80,7 @@ pub(crate) struct GroupState {
 /// Stale entries (below the log base) deleted per commit at least; a commit
 /// that appends many entries deletes up to twice as many, so purging always
 /// outpaces appending.
-pub(crate) const PURGE_ENTRIES_PER_COMMIT_MIN: u64 = 1024;
+pub(crate) const PURGE_ENTRIES_PER_COMMIT_MIN: u64 = 64;
 
 /// The storage engine over one backend.
 pub(crate) struct Engine<B: Backend> {

@@ -149,7 +149,7 @@ impl WriteBatch {
     /// Discards the entries of `group` up to and including `through_index`,
     /// remembering that entry's term so `term(through_index)` still answers.
     /// They are gone from the log at once; their records are deleted over this
-    /// and the following commits, at most `max(1024, 2 × entries appended)`
+    /// and the following commits, at most `max(64, 2 × entries appended)`
     /// per commit, so compacting a long log never makes one commit slow.
     /// Compacting at or below the compacted prefix is a no-op; beyond the last
     /// index is [`StorageError::Unavailable`](super::StorageError::Unavailable).
