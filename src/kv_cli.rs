@@ -284,11 +284,10 @@ pub(crate) async fn clerk_for(
 /// answer to the status RPC within [`LEADER_PROBE_TIMEOUT`] (all are asked at
 /// once; the first answer naming a leader wins); else `ids` unchanged.
 ///
-/// Why: the clerk counts any RPC after the first as a re-send, and a put
-/// re-sent after a follower's ErrWrongLeader that then meets ErrVersion
-/// returns ErrMaybe (the follower's answer cannot say whether it appended the
-/// put). Starting at the leader makes a one-shot `raftkv put` answer
-/// ErrVersion when the cluster is stable, as it does against `kvsrv`.
+/// Why: it saves a one-shot `raftkv put`/`get` the round trip to a follower
+/// that would only answer ErrWrongLeader with a hint. (A put resent after such
+/// an answer still gets a precise ErrVersion: ErrWrongLeader says the follower
+/// did nothing; only no reply or a lost leadership makes a resend ErrMaybe.)
 async fn leader_first(endpoint: &Endpoint, mut ids: Vec<NodeId>) -> Vec<NodeId> {
     if ids.len() < 2 {
         return ids;

@@ -42,9 +42,14 @@ fn kind(operation: &Operation) -> Kind {
     };
     match &completion.output {
         KvReply::Put(Err(KvError::TooLarge { .. })) => Kind::Ignored,
-        KvReply::Put(Err(KvError::Timeout { .. } | KvError::WrongLeader { .. })) => Kind::Pending,
+        KvReply::Put(Err(
+            KvError::Timeout { .. } | KvError::WrongLeader { .. } | KvError::LeadershipLost { .. },
+        )) => Kind::Pending,
         KvReply::Get(Err(
-            KvError::Timeout { .. } | KvError::TooLarge { .. } | KvError::WrongLeader { .. },
+            KvError::Timeout { .. }
+            | KvError::TooLarge { .. }
+            | KvError::WrongLeader { .. }
+            | KvError::LeadershipLost { .. },
         )) => Kind::Ignored,
         _ => Kind::Returned(completion.return_ns),
     }

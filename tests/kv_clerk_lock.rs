@@ -78,6 +78,9 @@ struct ClusterState {
     leader: Option<NodeId>,
     /// Servers that answer ErrWrongLeader without a hint.
     leaderless: bool,
+    /// `Some(id)`: server `id` executes its next request, then answers that it
+    /// lost leadership (the request may take effect), once.
+    loses_leadership: Option<NodeId>,
     /// Percentage of Gets answered from the state before the last Put (a deliberate bug).
     stale_read_percent: u32,
     previous: MemoryKv,
@@ -93,6 +96,7 @@ impl FakeCluster {
                 faults,
                 leader: None,
                 leaderless: false,
+                loses_leadership: None,
                 stale_read_percent: 0,
                 previous: MemoryKv::new(),
                 log: Vec::new(),
@@ -145,7 +149,13 @@ impl KvRpc for FakeCluster {
             record(&mut state, Fate::RequestDropped);
             return Err(NoReply);
         }
-        let reply = if state.leaderless {
+        let reply = if state.loses_leadership == Some(server) {
+            state.loses_leadership = None;
+            state.kv.apply(request);
+            KvReply::Put(Err(KvError::LeadershipLost {
+                leader_hint: state.leader,
+            }))
+        } else if state.leaderless {
             KvReply::Put(Err(KvError::WrongLeader { leader_hint: None }))
         } else if state.leader.is_some_and(|leader| leader != server) {
             KvReply::Put(Err(KvError::WrongLeader {
@@ -164,9 +174,12 @@ impl KvRpc for FakeCluster {
             }
         };
         let reply = match (request, reply) {
-            (KvCommand::Get { .. }, KvReply::Put(Err(wrong @ KvError::WrongLeader { .. }))) => {
-                KvReply::Get(Err(wrong))
-            }
+            (
+                KvCommand::Get { .. },
+                KvReply::Put(Err(
+                    wrong @ (KvError::WrongLeader { .. } | KvError::LeadershipLost { .. }),
+                )),
+            ) => KvReply::Get(Err(wrong)),
             (_, reply) => reply,
         };
         if drop_reply {
@@ -248,7 +261,9 @@ async fn clerk_rejects_bad_input_without_sending() {
     );
 }
 
-/// What the lab rule says a Put returns, given the fates of its RPCs.
+/// What the lab rule says a Put returns, given the fates of its RPCs: ErrVersion
+/// becomes ErrMaybe when an earlier RPC may have been executed as far as the
+/// clerk can tell (no reply came back; an ErrWrongLeader reply says it was not).
 fn expected_put_result(calls: &[CallRecord]) -> Result<(), KvError> {
     assert!(
         calls.iter().all(|call| call.request == calls[0].request),
@@ -257,8 +272,14 @@ fn expected_put_result(calls: &[CallRecord]) -> Result<(), KvError> {
     let Some(Fate::Delivered(KvReply::Put(result))) = calls.last().map(|c| &c.fate) else {
         panic!("the clerk returned without a delivered reply: {calls:?}");
     };
+    let maybe_executed_before = calls[..calls.len() - 1].iter().any(|call| {
+        !matches!(
+            call.fate,
+            Fate::Delivered(KvReply::Put(Err(KvError::WrongLeader { .. })))
+        )
+    });
     match result {
-        Err(KvError::Version) if calls.len() > 1 => Err(KvError::Maybe),
+        Err(KvError::Version) if maybe_executed_before => Err(KvError::Maybe),
         other => other.clone(),
     }
 }
@@ -384,10 +405,26 @@ async fn clerk_finds_and_remembers_the_leader() {
         3,
         "went straight to the remembered leader"
     );
-    // The first RPC went to a non-leader, so a later ErrVersion could be the put's own doing.
+    // The first RPC went to a non-leader that did nothing with it (ErrWrongLeader), so the
+    // leader's ErrVersion is the put's true outcome.
     cluster.state().log.clear();
     cluster.state().leader = Some(10);
-    assert_eq!(clerk.put("k", bytes("b"), 0).await, Err(KvError::Maybe));
+    assert_eq!(clerk.put("k", bytes("b"), 0).await, Err(KvError::Version));
+    let servers: Vec<NodeId> = cluster.log().iter().map(|c| c.server).collect();
+    assert_eq!(servers, vec![12, 10], "followed the hint");
+    // A leader that appended the put and then lost leadership: the resend's ErrVersion may be
+    // the put's own doing, so ErrMaybe — and here it was applied.
+    cluster.state().log.clear();
+    cluster.state().loses_leadership = Some(10);
+    cluster.state().leader = Some(11);
+    assert_eq!(clerk.put("k", bytes("c"), 1).await, Err(KvError::Maybe));
+    assert_eq!(clerk.get("k").await, Ok(versioned("c", 2)));
+    let servers: Vec<NodeId> = cluster.log().iter().map(|c| c.server).collect();
+    assert_eq!(
+        servers,
+        vec![10, 11, 11],
+        "followed the hint after the loss"
+    );
     // Without hints the clerk tries each server in turn.
     cluster.state().log.clear();
     cluster.state().leader = None;

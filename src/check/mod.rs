@@ -19,10 +19,12 @@
 //! - An operation that never returned may or may not have happened: a Put is
 //!   searched with an infinite return time (so it can take effect at any
 //!   point after its call, or never), a Get is left out. A Put that ended in
-//!   the Clerk's Timeout (or ErrWrongLeader) is treated as never returned,
-//!   since a delayed copy of it may still be applied.
+//!   the Clerk's Timeout (or ErrWrongLeader / LeadershipLost, should a
+//!   recorder see them) is treated as never returned, since a delayed copy of
+//!   it may still be applied.
 //! - Outputs that say the operation had no effect and promise nothing
-//!   (TooLarge; Timeout or ErrWrongLeader for a Get) are left out.
+//!   (TooLarge; Timeout, ErrWrongLeader or LeadershipLost for a Get) are left
+//!   out.
 //!
 //! This is stricter than the lab's porcupine model, which compares only the
 //! value of a Get and does not check ErrNoKey; ours matches the exact Lab 2

@@ -125,7 +125,8 @@ pub(crate) fn prepare(operation: &Operation, values: &mut Values) -> Prepared {
                 Some(KvReply::Get(Err(
                     KvError::Timeout { .. }
                     | KvError::TooLarge { .. }
-                    | KvError::WrongLeader { .. },
+                    | KvError::WrongLeader { .. }
+                    | KvError::LeadershipLost { .. },
                 ))) => return Prepared::Skip,
                 Some(KvReply::Get(Err(KvError::Version | KvError::Maybe))) => Step::GetImpossible,
                 Some(KvReply::Put(_)) => unreachable!("validated: output kind matches input"),
@@ -143,9 +144,11 @@ pub(crate) fn prepare(operation: &Operation, values: &mut Values) -> Prepared {
                 Some(KvReply::Put(Err(KvError::NoKey))) => (PutOutcome::NoKey, false),
                 Some(KvReply::Put(Err(KvError::Maybe))) => (PutOutcome::Either, false),
                 // The client gave up; a delayed request may still be applied later.
-                Some(KvReply::Put(Err(KvError::Timeout { .. } | KvError::WrongLeader { .. }))) => {
-                    (PutOutcome::Either, true)
-                }
+                Some(KvReply::Put(Err(
+                    KvError::Timeout { .. }
+                    | KvError::WrongLeader { .. }
+                    | KvError::LeadershipLost { .. },
+                ))) => (PutOutcome::Either, true),
                 Some(KvReply::Put(Err(KvError::TooLarge { .. }))) => return Prepared::Skip,
                 Some(KvReply::Get(_)) => unreachable!("validated: output kind matches input"),
             };

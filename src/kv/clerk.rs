@@ -4,12 +4,14 @@
 //! the ErrMaybe rule. It is generic over a small transport trait ([`KvRpc`]),
 //! so the simulated network, TCP, a single server or a Raft group all fit.
 //!
-//! The ErrMaybe rule: a Put returns [`KvError::Version`] only when its first
-//! RPC got ErrVersion. If a re-sent Put gets ErrVersion, an earlier copy may
-//! have been applied (its reply was lost), so the Clerk returns
-//! [`KvError::Maybe`]. "Re-sent" means any RPC after the first, whatever made
-//! the Clerk resend (no reply, ErrWrongLeader): a leader that answered
-//! ErrWrongLeader may have appended the Put to a log that still commits.
+//! The ErrMaybe rule: if a Put gets ErrVersion after an earlier copy of it may
+//! have been executed, that copy may have been applied (its reply was lost),
+//! so the Clerk returns [`KvError::Maybe`]; otherwise [`KvError::Version`].
+//! An earlier copy "may have been executed" when it got no reply or
+//! [`KvError::LeadershipLost`] (a leader that appended it lost leadership
+//! before answering: the entry may still commit). An ErrWrongLeader answer
+//! ([`KvError::WrongLeader`]) says the server did nothing, so a Put first sent
+//! to a follower and then to the leader still gets a precise ErrVersion.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -161,10 +163,11 @@ pub struct Clerk<T> {
     config: ClerkConfig,
 }
 
-/// A usable reply and whether it answered the first RPC of the operation.
+/// A usable reply, and whether an earlier RPC of the same operation may have
+/// been executed (no reply, leadership lost, garbage reply).
 struct Answer {
     reply: KvReply,
-    first_rpc: bool,
+    maybe_executed_before: bool,
 }
 
 impl<T: KvRpc> Clerk<T> {
@@ -229,8 +232,9 @@ impl<T: KvRpc> Clerk<T> {
     }
 
     /// Installs `value` at `key` if the key's version is `version` (0 creates
-    /// a missing key). Returns `Ok`, [`KvError::Version`] (only if the first
-    /// RPC got it), [`KvError::Maybe`] (a re-sent RPC got ErrVersion),
+    /// a missing key). Returns `Ok`, [`KvError::Version`] (no earlier copy of
+    /// the Put can have been executed), [`KvError::Maybe`] (ErrVersion after
+    /// an earlier copy may have been executed: see the module docs),
     /// [`KvError::NoKey`], [`KvError::TooLarge`] (not sent) or
     /// [`KvError::Timeout`] (may or may not have been applied).
     pub async fn put(&self, key: &str, value: Bytes, version: Version) -> Result<(), KvError> {
@@ -242,7 +246,9 @@ impl<T: KvRpc> Clerk<T> {
         command.check_size()?;
         let answer = self.run(&command).await?;
         match answer.reply {
-            KvReply::Put(Err(KvError::Version)) if !answer.first_rpc => Err(KvError::Maybe),
+            KvReply::Put(Err(KvError::Version)) if answer.maybe_executed_before => {
+                Err(KvError::Maybe)
+            }
             KvReply::Put(result) => result,
             KvReply::Get(_) => unreachable!("run() only returns replies of the request's kind"),
         }
@@ -257,6 +263,8 @@ impl<T: KvRpc> Clerk<T> {
         let mut backoff = self.config.retry_backoff_min;
         let mut attempts: u64 = 0;
         let mut attempts_in_round = 0usize;
+        // Whether an earlier RPC of this operation may have been executed.
+        let mut maybe_executed = false;
         loop {
             let server = self.servers[index];
             let call = self.transport.call(server, command);
@@ -272,7 +280,6 @@ impl<T: KvRpc> Clerk<T> {
                 },
             };
             attempts += 1;
-            let first_rpc = attempts == 1;
             let mut hint = None;
             match result {
                 Ok(KvReply::Put(Err(KvError::WrongLeader { leader_hint })))
@@ -280,15 +287,26 @@ impl<T: KvRpc> Clerk<T> {
                     tracing::debug!(server, ?leader_hint, "kv clerk: wrong leader");
                     hint = leader_hint;
                 }
+                Ok(KvReply::Put(Err(KvError::LeadershipLost { leader_hint })))
+                | Ok(KvReply::Get(Err(KvError::LeadershipLost { leader_hint }))) => {
+                    tracing::debug!(server, ?leader_hint, "kv clerk: leadership lost");
+                    hint = leader_hint;
+                    maybe_executed = true;
+                }
                 Ok(reply) if same_kind(command, &reply) => {
                     self.leader.store(index, Ordering::Relaxed);
-                    return Ok(Answer { reply, first_rpc });
+                    return Ok(Answer {
+                        reply,
+                        maybe_executed_before: maybe_executed,
+                    });
                 }
                 Ok(reply) => {
                     tracing::warn!(server, ?reply, "kv clerk: reply of the wrong kind, ignored");
+                    maybe_executed = true;
                 }
                 Err(NoReply) => {
                     tracing::debug!(server, attempts, "kv clerk: no reply");
+                    maybe_executed = true;
                 }
             }
             index = match hint.and_then(|id| self.servers.iter().position(|&s| s == id)) {

@@ -253,13 +253,19 @@ async fn serve(rsm: &Rsm<KvStateMachine>, command: KvCommand) -> KvResponse {
     };
     match outcome {
         Ok(reply) => Ok(reply),
-        Err(
-            SubmitError::NotLeader { leader_hint } | SubmitError::LeadershipLost { leader_hint },
-        ) => Ok(reply_error(&command, KvError::WrongLeader { leader_hint })),
+        // Nothing was appended: the clerk may resend without doubt.
+        Err(SubmitError::NotLeader { leader_hint }) => {
+            Ok(reply_error(&command, KvError::WrongLeader { leader_hint }))
+        }
+        // Appended, outcome unknown (a resend that meets ErrVersion is ErrMaybe).
+        Err(SubmitError::LeadershipLost { leader_hint }) => Ok(reply_error(
+            &command,
+            KvError::LeadershipLost { leader_hint },
+        )),
         // A leader cut off from its quorum times out: send the client on.
         Err(SubmitError::Timeout) => Ok(reply_error(
             &command,
-            KvError::WrongLeader { leader_hint: None },
+            KvError::LeadershipLost { leader_hint: None },
         )),
         Err(SubmitError::TooLarge { bytes, max }) => {
             tracing::warn!(bytes, max, "kv: command too large for the raft log");

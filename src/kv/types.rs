@@ -103,7 +103,8 @@ pub enum KvError {
     /// A re-sent Put got ErrVersion: the Put may or may not have been applied.
     #[error("ErrMaybe: the put may or may not have been applied")]
     Maybe,
-    /// The server is not the leader of its replica group; try another server.
+    /// The server is not the leader of its replica group and did nothing with
+    /// the request; try another server.
     #[error("ErrWrongLeader: not the leader (hint: {leader_hint:?})")]
     WrongLeader {
         /// The server the replier believes is the leader, if it knows one.
@@ -125,6 +126,14 @@ pub enum KvError {
     Timeout {
         /// How many RPCs the Clerk sent.
         attempts: u64,
+    },
+    /// The server took the request as leader (a Put may be in its log) but
+    /// lost leadership, or waited too long for a quorum, before it could
+    /// answer; the request may still take effect. Try another server.
+    #[error("ErrWrongLeader: leadership lost while serving (hint: {leader_hint:?})")]
+    LeadershipLost {
+        /// The server the replier believes is the leader, if it knows one.
+        leader_hint: Option<NodeId>,
     },
 }
 
