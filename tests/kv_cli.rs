@@ -16,14 +16,9 @@ use raftkv::net::tcp::{TcpConfig, TcpTransport};
 use raftkv::raft::{Entry, EntryKind};
 use raftkv::storage::{RaftLogStorage, Store};
 
-const BIN: &str = env!("CARGO_BIN_EXE_raftkv");
+mod cli_support;
 
-/// The numeric cluster id the binary derives from a cluster name (FNV-1a 64).
-fn cluster_id(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
+use cli_support::{BIN, cluster_id, json, raftkv, stderr, stdout};
 
 /// A running `raftkv kvsrv` process; killed when dropped.
 struct ServerProcess {
@@ -100,23 +95,6 @@ impl Drop for ServerProcess {
     }
 }
 
-/// Runs `raftkv ARGS` to completion.
-fn raftkv(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run raftkv")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8(output.stdout.clone()).expect("utf-8 stdout")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
 /// Runs a client command (such as "get" or "lock acquire") against `server`
 /// and returns (exit code, stdout).
 fn client(server: &ServerProcess, command: &str, args: &[&str]) -> (i32, String) {
@@ -126,11 +104,6 @@ fn client(server: &ServerProcess, command: &str, args: &[&str]) -> (i32, String)
     let output = raftkv(&full);
     let code = output.status.code().expect("exited normally");
     (code, stdout(&output))
-}
-
-fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text)
-        .unwrap_or_else(|error| panic!("not one JSON object ({error}): {text:?}"))
 }
 
 // put/get print the outcome and exit 0/3/4/5 (text and --json); SIGTERM stops the server cleanly

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -29,7 +29,9 @@ use raftkv::net::tcp::{TcpConfig, TcpTransport};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const BIN: &str = env!("CARGO_BIN_EXE_raftkv");
+mod cli_support;
+
+use cli_support::{BIN, cluster_id, json, raftkv, stderr, stdout};
 
 /// Longest any single wait in these tests may take (a process to print its
 /// address or exit, a leader to be elected, a node to catch up).
@@ -38,13 +40,6 @@ const WAIT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(20);
 /// Clients take node ids from here, far above the servers'.
 const CLIENT_ID_BASE: NodeId = 1 << 62;
-
-/// The numeric cluster id the binary derives from a cluster name (FNV-1a 64).
-fn cluster_id(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
 
 /// `count` distinct free loopback addresses: bound to port 0 together, then
 /// released for the servers to bind.
@@ -78,23 +73,6 @@ fn wait_exit(child: &mut Child, what: &str) -> ExitStatus {
         );
         std::thread::sleep(POLL);
     }
-}
-
-/// Runs `raftkv ARGS` to completion.
-fn raftkv(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run raftkv")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8(output.stdout.clone()).expect("utf-8 stdout")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// A cluster of `raftkv server` processes in one temporary directory, with a
@@ -383,11 +361,6 @@ async fn client_endpoint(cluster_id: u64, addresses: &[SocketAddr], client: u64)
         config.peers.insert(index as NodeId + 1, *address);
     }
     TcpTransport::start(config).await.unwrap().endpoint()
-}
-
-fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text)
-        .unwrap_or_else(|error| panic!("not one JSON document ({error}): {text:?}"))
 }
 
 /// What the chaos clients observed.
