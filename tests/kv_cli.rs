@@ -4,7 +4,6 @@
 //! `lock acquire|release`, and `inspect` decoding key/value commands.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -18,7 +17,7 @@ use raftkv::storage::{RaftLogStorage, Store};
 
 mod cli_support;
 
-use cli_support::{BIN, cluster_id, json, raftkv, stderr, stdout};
+use cli_support::{BIN, cluster_id, first_line, json, raftkv, stderr, stdout};
 
 /// A running `raftkv kvsrv` process; killed when dropped.
 struct ServerProcess {
@@ -36,17 +35,7 @@ impl ServerProcess {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn kvsrv");
-        let stdout = child.stdout.take().expect("piped stdout");
-        // Read the announcement on a thread so a server that never prints
-        // fails the test (after a generous bound) instead of hanging it.
-        let (line_sender, line) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut first = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut first);
-            let _ = line_sender.send(first);
-        });
-        let first = line
-            .recv_timeout(Duration::from_secs(60))
+        let first = first_line(&mut child, Duration::from_secs(60))
             .expect("kvsrv printed no line within 60 s");
         let Some(address) = first.trim_end().strip_prefix("listening on ") else {
             let output = child.wait_with_output().expect("kvsrv output");

@@ -9,7 +9,6 @@
 //! that schedule (the processes' own timing still varies).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -31,7 +30,7 @@ use rand_chacha::ChaCha8Rng;
 
 mod cli_support;
 
-use cli_support::{BIN, cluster_id, json, raftkv, stderr, stdout};
+use cli_support::{BIN, cluster_id, first_line, json, raftkv, stderr, stdout};
 
 /// Longest any single wait in these tests may take (a process to print its
 /// address or exit, a leader to be elected, a node to catch up).
@@ -187,16 +186,7 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .expect("spawn raftkv server");
-        let stdout = child.stdout.take().expect("piped stdout");
-        // Read the announcement on a thread so a server that never prints
-        // fails the test at the deadline instead of hanging it.
-        let (line_sender, line) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut first = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut first);
-            let _ = line_sender.send(first);
-        });
-        let first = line.recv_timeout(WAIT).unwrap_or_default();
+        let first = first_line(&mut child, WAIT).unwrap_or_default();
         let expected = format!("listening on {}", self.addresses[id as usize - 1]);
         if first.trim_end() == expected {
             return Ok(child);

@@ -391,7 +391,7 @@ impl<B: Backend> Engine<B> {
     }
 
     pub(crate) fn raft_state_bytes(&self, group: GroupId) -> Result<u64, StorageError> {
-        let _groups = self.read()?;
+        let groups = self.read()?;
         let mut total = 0u64;
         for tag in [TAG_HARD_STATE, TAG_LOG_BASE] {
             let key = group_key(tag, group);
@@ -400,7 +400,7 @@ impl<B: Backend> Engine<B> {
             }
         }
         // Only the live log: stale entries below the base are being purged.
-        let state = _groups.get(&group).copied().unwrap_or_default();
+        let state = groups.get(&group).copied().unwrap_or_default();
         let prefix = group_key(TAG_ENTRY, group);
         self.backend.scan(
             &entry_key(group, state.base_index + 1),

@@ -2,7 +2,9 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of the helpers.
 
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output};
+use std::time::Duration;
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_raftkv");
@@ -37,4 +39,18 @@ pub fn stderr(output: &Output) -> String {
 pub fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text)
         .unwrap_or_else(|error| panic!("not one JSON document ({error}): {text:?}"))
+}
+
+/// The first line `child` prints on its piped stdout, or `None` if it prints
+/// none within `timeout` (read on a thread, so a silent process fails the
+/// test at the bound instead of hanging it).
+pub fn first_line(child: &mut Child, timeout: Duration) -> Option<String> {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (line_sender, line) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut first = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut first);
+        let _ = line_sender.send(first);
+    });
+    line.recv_timeout(timeout).ok()
 }
