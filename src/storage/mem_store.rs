@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+use smallvec::SmallVec;
 
 use super::engine::{Backend, BackendBatch, Engine};
 use super::{Limits, StorageError};
@@ -26,9 +27,12 @@ pub struct MemDisk {
     image: Arc<Mutex<DiskImage>>,
 }
 
+/// A record's key; log-entry and hard-state keys (≤ 17 bytes) stay inline.
+type DiskKey = SmallVec<[u8; 24]>;
+
 #[derive(Default)]
 struct DiskImage {
-    records: BTreeMap<Vec<u8>, Bytes>,
+    records: BTreeMap<DiskKey, Bytes>,
     /// Whether a live `MemStore` uses this disk (sled's directory lock).
     open: bool,
 }
@@ -145,17 +149,38 @@ impl Drop for MemBackend {
     }
 }
 
-/// Writes in order; applied one after another under the disk lock.
-pub(crate) struct MemBatch(Vec<(Vec<u8>, Option<Bytes>)>);
+/// Writes in order; applied one after another under the disk lock. The
+/// values of small writes are copied into one buffer per batch (one
+/// allocation, shared by the records it holds); a large value gets its own.
+#[derive(Default)]
+pub(crate) struct MemBatch {
+    writes: Vec<(DiskKey, Option<BatchValue>)>,
+    arena: Vec<u8>,
+}
+
+enum BatchValue {
+    /// A range of the batch's buffer.
+    Arena(std::ops::Range<usize>),
+    Own(Bytes),
+}
+
+/// Values at most this long share their batch's buffer.
+const ARENA_VALUE_BYTES_MAX: usize = 1024;
 
 impl BackendBatch for MemBatch {
     fn put(&mut self, key: &[u8], value: &[u8]) {
-        self.0
-            .push((key.to_vec(), Some(Bytes::copy_from_slice(value))));
+        let value = if value.len() <= ARENA_VALUE_BYTES_MAX {
+            let start = self.arena.len();
+            self.arena.extend_from_slice(value);
+            BatchValue::Arena(start..self.arena.len())
+        } else {
+            BatchValue::Own(Bytes::copy_from_slice(value))
+        };
+        self.writes.push((DiskKey::from_slice(key), Some(value)));
     }
 
     fn delete(&mut self, key: &[u8]) {
-        self.0.push((key.to_vec(), None));
+        self.writes.push((DiskKey::from_slice(key), None));
     }
 }
 
@@ -164,7 +189,7 @@ impl Backend for MemBackend {
     type Batch = MemBatch;
 
     fn new_batch(&self) -> MemBatch {
-        MemBatch(Vec::new())
+        MemBatch::default()
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Bytes>, StorageError> {
@@ -200,10 +225,15 @@ impl Backend for MemBackend {
     }
 
     fn apply(&self, batch: MemBatch) -> Result<(), StorageError> {
+        let arena = Bytes::from(batch.arena);
         let mut image = self.disk.lock();
-        for (key, value) in batch.0 {
+        for (key, value) in batch.writes {
             match value {
                 Some(value) => {
+                    let value = match value {
+                        BatchValue::Arena(range) => arena.slice(range),
+                        BatchValue::Own(value) => value,
+                    };
                     image.records.insert(key, value);
                 }
                 None => {

@@ -78,8 +78,9 @@ impl Store {
             }
         };
         let db = open_sled(&sled_config, &path, config.lock_timeout_ms)?;
+        let backend = SledBackend::new(db, &path)?;
         let engine = Engine::open(
-            SledBackend { db },
+            backend,
             config.limits.clone(),
             flush_on_commit,
             config.create_if_missing,
@@ -180,8 +181,85 @@ fn check_directory(path: &Path, create: bool) -> Result<(), StorageError> {
 }
 
 /// sled's default tree as an engine backend.
+///
+/// sled's own `flush` writes its log buffers and waits with
+/// `sync_file_range`, which on Linux neither persists the file's size nor
+/// flushes the device's volatile write cache, and it never syncs the files
+/// it keeps for large values (`blobs/`). A flush here therefore adds what a
+/// power loss needs: every blob file written since the last flush is synced
+/// (and the blob directory with it) before sled's log records that point at
+/// them, and the log file is `fdatasync`ed after them.
 pub(crate) struct SledBackend {
     db: sled::Db,
+    /// sled's log file (`DIR/db`), opened again only to `fdatasync` it.
+    log_file: std::fs::File,
+    /// sled's directory of large values.
+    blobs_dir: PathBuf,
+    /// Blob files known durable.
+    synced_blobs: std::sync::Mutex<std::collections::HashSet<OsString>>,
+}
+
+/// sled's log file and blob directory inside a data directory.
+const SLED_LOG_FILE: &str = "db";
+const SLED_BLOBS_DIR: &str = "blobs";
+
+impl SledBackend {
+    /// Wraps an open database; syncs what an earlier run may have left
+    /// unsynced (the blobs, the directories).
+    fn new(db: sled::Db, dir: &Path) -> Result<SledBackend, StorageError> {
+        let log_file = std::fs::File::open(dir.join(SLED_LOG_FILE))?;
+        let backend = SledBackend {
+            db,
+            log_file,
+            blobs_dir: dir.join(SLED_BLOBS_DIR),
+            synced_blobs: std::sync::Mutex::new(std::collections::HashSet::new()),
+        };
+        backend.sync_new_blobs()?;
+        sync_directory(dir)?;
+        Ok(backend)
+    }
+
+    /// Syncs every blob file not yet known durable, then the blob directory
+    /// when there was one. A directory listing costs microseconds against the
+    /// log flush that follows.
+    fn sync_new_blobs(&self) -> Result<(), StorageError> {
+        let mut synced = self
+            .synced_blobs
+            .lock()
+            .expect("invariant: a panic while holding the synced-blob set");
+        let listing = match std::fs::read_dir(&self.blobs_dir) {
+            Ok(listing) => listing,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(error) => return Err(error.into()),
+        };
+        let mut present = std::collections::HashSet::with_capacity(synced.len());
+        let mut new = false;
+        for item in listing {
+            let item = item?;
+            let name = item.file_name();
+            if !synced.contains(&name) {
+                match std::fs::File::open(item.path()) {
+                    Ok(file) => file.sync_all()?,
+                    // sled removed it meanwhile (garbage collection).
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(error) => return Err(error.into()),
+                }
+                new = true;
+            }
+            present.insert(name);
+        }
+        if new {
+            sync_directory(&self.blobs_dir)?;
+        }
+        *synced = present;
+        Ok(())
+    }
+}
+
+/// `fsync` of a directory: makes the names created in it durable.
+fn sync_directory(dir: &Path) -> Result<(), StorageError> {
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
 }
 
 /// The writes of one commit, in order. A batch of one write is applied as a
@@ -264,11 +342,52 @@ impl Backend for SledBackend {
     }
 
     fn flush(&self) -> Result<(), StorageError> {
+        self.sync_new_blobs()?;
         self.db.flush()?;
+        self.log_file.sync_data()?;
         Ok(())
     }
 
     fn into_bytes(value: sled::IVec) -> Bytes {
         Bytes::from_owner(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{KvStorage, Storage, WriteBatch};
+
+    /// A value too large for sled's log goes to a blob file, which sled never
+    /// syncs; a flushing commit leaves every blob file known synced.
+    #[test]
+    fn a_flushing_commit_syncs_the_blob_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let large = vec![7u8; 1 << 20];
+        let mut batch = WriteBatch::new();
+        batch
+            .kv_put(0, "big", large.clone(), 1)
+            .set_applied_index(0, 1);
+        store.commit(batch).expect("commit");
+        let backend = store.engine.backend();
+        let on_disk: std::collections::HashSet<OsString> = std::fs::read_dir(&backend.blobs_dir)
+            .expect("blob directory")
+            .map(|item| item.expect("listing").file_name())
+            .collect();
+        assert!(
+            !on_disk.is_empty(),
+            "a 1 MiB value is expected in a blob file"
+        );
+        let synced = backend.synced_blobs.lock().expect("lock").clone();
+        assert!(
+            on_disk.is_subset(&synced),
+            "unsynced blobs: {:?}",
+            on_disk.difference(&synced).collect::<Vec<_>>()
+        );
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        let value = store.kv_get(0, b"big").expect("get").expect("present");
+        assert_eq!(value.value.as_ref(), &large[..]);
     }
 }
