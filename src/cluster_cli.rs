@@ -79,11 +79,16 @@ pub struct ServerArgs {
     #[arg(long, value_name = "BYTES", default_value_t = MAXRAFTSTATE_BYTES_DEFAULT)]
     maxraftstate: u64,
     /// Runtime threads: 1 runs the node on one thread (a current-thread
-    /// runtime, storage flushes inline: the fastest on small machines, where
-    /// the Raft driver is the only busy task); N > 1 a work-stealing runtime
-    /// with N workers, flushes under `block_in_place`.
+    /// runtime: the fastest on small machines); N > 1 a work-stealing runtime
+    /// with N workers. Storage flushes run on the node's own storage thread
+    /// either way (see `--inline-storage`).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
+    /// Commit storage on the runtime's own thread(s) instead of the node's
+    /// storage thread: every flush then stalls the runtime (the baseline the
+    /// storage thread is measured against).
+    #[arg(long)]
+    inline_storage: bool,
 }
 
 /// One `ID=HOST:PORT` of `--cluster`, checked for shape (not resolved yet).
@@ -204,6 +209,9 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let mut config = RaftKvConfig::default();
     // Distinct election timeouts on every node and every run.
     config.rsm.node.rng_seed = rand::random();
+    // Flushes on the node's storage thread: the runtime keeps reading the
+    // network and answering clients meanwhile.
+    config.rsm.node.storage_thread = !args.inline_storage;
     config.rsm.maxraftstate_bytes = (args.maxraftstate > 0).then_some(args.maxraftstate);
     let server = RaftKvServer::start(id, &voters, config, store, endpoint.clone())
         .with_context(|| format!("cannot start node {id}"))?;

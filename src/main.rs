@@ -177,8 +177,13 @@ struct MrWorkerArgs {
 }
 
 fn main() -> ExitCode {
+    // Warnings (slow storage commits, lost connections, refused messages)
+    // show by default; RUST_LOG overrides.
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .with_default_directive(tracing_subscriber::filter::LevelFilter::WARN.into())
+        .from_env_lossy();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

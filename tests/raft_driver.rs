@@ -603,6 +603,21 @@ async fn transport_closing_stops_the_node() {
 // Proves the driver works on a multi-thread runtime with sled stores (commits under block_in_place), in real time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_thread_runtime_with_sled_stores() {
+    sled_cluster_commits_50_and_releases_storage(false).await;
+}
+
+// The same on a current-thread runtime with every commit on the node's
+// storage thread (`NodeConfig::storage_thread`, what `raftkv server` runs).
+#[tokio::test]
+async fn storage_threads_with_sled_stores() {
+    sled_cluster_commits_50_and_releases_storage(true).await;
+}
+
+async fn sled_cluster_commits_50_and_releases_storage(storage_thread: bool) {
+    let config = |id| NodeConfig {
+        storage_thread,
+        ..config(id)
+    };
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let net = SimNetwork::new(SimConfig::new(10));
     let voters = [1, 2, 3];

@@ -57,6 +57,15 @@ pub struct NodeConfig {
     ///
     /// [`Message::may_precede_persistence`]: crate::raft::Message::may_precede_persistence
     pub send_appends_before_persist: bool,
+    /// Run each storage commit on a dedicated OS thread of this node and
+    /// await it, so that during a flush the runtime keeps serving the
+    /// network and the service (acknowledgements and requests queue up and
+    /// go into the next `Ready`); the driver itself still waits for each
+    /// commit, so the persist-before-send contract is unchanged. For real
+    /// servers on a current-thread runtime, where a flush would otherwise
+    /// stall every task. Off by default: simulations need commits inline to
+    /// stay deterministic. Takes precedence over `block_in_place_for_storage`.
+    pub storage_thread: bool,
 }
 
 impl Default for NodeConfig {
@@ -73,6 +82,7 @@ impl Default for NodeConfig {
             inputs_per_ready_max: 8192,
             block_in_place_for_storage: true,
             send_appends_before_persist: true,
+            storage_thread: false,
         }
     }
 }

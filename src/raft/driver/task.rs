@@ -143,11 +143,52 @@ enum Event {
     Continue,
 }
 
+/// A storage commit handed to the node's storage thread.
+type FlushJob = (WriteBatch, oneshot::Sender<Result<(), StorageError>>);
+
+/// The node's storage thread (`NodeConfig::storage_thread`): commits the
+/// batches it is sent, one at a time, in order.
+struct StorageThread {
+    jobs: Option<std::sync::mpsc::Sender<FlushJob>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StorageThread {
+    fn start<S: RaftLogStorage + 'static>(storage: Arc<S>, id: NodeId) -> std::io::Result<Self> {
+        let (jobs, queue) = std::sync::mpsc::channel::<FlushJob>();
+        let thread = std::thread::Builder::new()
+            .name(format!("raft-storage-{id}"))
+            .spawn(move || {
+                while let Ok((batch, reply)) = queue.recv() {
+                    let _ = reply.send(storage.commit(batch));
+                }
+            })?;
+        Ok(StorageThread {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for StorageThread {
+    fn drop(&mut self) {
+        // The driver awaits every commit it hands over, so the queue is empty
+        // here unless the driver was cancelled mid-commit; then this waits
+        // for that one commit: the storage handle is released only after it.
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// One node's driver: owns its core, its storage handle, its endpoint and
 /// the sending end of the apply channel.
 pub(super) struct Driver<S> {
     core: RaftCore,
-    storage: S,
+    storage: Arc<S>,
+    /// Commits go to this thread when `NodeConfig::storage_thread` is set.
+    storage_thread: Option<StorageThread>,
     group: GroupId,
     config: NodeConfig,
     endpoint: Endpoint,
@@ -177,9 +218,22 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
             tokio::runtime::Handle::current().runtime_flavor(),
             tokio::runtime::RuntimeFlavor::MultiThread
         );
+        let storage = Arc::new(storage);
+        let storage_thread = if config.storage_thread {
+            match StorageThread::start(storage.clone(), core.id()) {
+                Ok(thread) => Some(thread),
+                Err(error) => {
+                    warn!(id = core.id(), %error, "cannot start the storage thread; committing inline");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Driver {
             core,
             storage,
+            storage_thread,
             group: config.group,
             block_in_place: multi_thread && config.block_in_place_for_storage,
             config,
@@ -220,7 +274,7 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         // The first Ready (e.g. a snapshot to hand to the service after a restart).
-        if let Err(error) = self.handle_readies() {
+        if let Err(error) = self.handle_readies().await {
             return StopReason::StorageFailed(error.to_string());
         }
         self.publish_status(None);
@@ -233,7 +287,7 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
             }
             // Group commit: everything already queued goes into the same Ready.
             self.drain(inputs, paused);
-            if let Err(error) = self.handle_readies() {
+            if let Err(error) = self.handle_readies().await {
                 return StopReason::StorageFailed(error.to_string());
             }
             self.publish_status(None);
@@ -392,15 +446,15 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
 
     /// Hands every pending `Ready` through the contract: persist, send,
     /// queue for applying, answer reads, advance.
-    fn handle_readies(&mut self) -> Result<(), StorageError> {
+    async fn handle_readies(&mut self) -> Result<(), StorageError> {
         while self.core.has_ready() {
             let ready = self.core.ready();
-            self.handle_ready(ready)?;
+            self.handle_ready(ready).await?;
         }
         Ok(())
     }
 
-    fn handle_ready(&mut self, mut ready: Ready) -> Result<(), StorageError> {
+    async fn handle_ready(&mut self, mut ready: Ready) -> Result<(), StorageError> {
         self.metrics.readies += 1;
         // A snapshot both to persist and to apply came from a leader (the
         // service's own is not applied back; a restart's is not persisted).
@@ -424,7 +478,7 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
             }
         }
         if !batch.is_empty() {
-            self.commit(batch)?;
+            self.commit(batch).await?;
             self.metrics.flushes += 1;
             if installs_snapshot {
                 self.metrics.snapshots_installed += 1;
@@ -482,9 +536,19 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
         batch
     }
 
-    fn commit(&mut self, batch: WriteBatch) -> Result<(), StorageError> {
+    async fn commit(&mut self, batch: WriteBatch) -> Result<(), StorageError> {
         let started = std::time::Instant::now();
-        let result = if self.block_in_place {
+        let on_thread = self
+            .storage_thread
+            .as_ref()
+            .and_then(|thread| thread.jobs.as_ref());
+        let result = if let Some(jobs) = on_thread {
+            let (reply, done) = oneshot::channel();
+            jobs.send((batch, reply))
+                .expect("invariant: the storage thread lives as long as the driver");
+            done.await
+                .expect("invariant: the storage thread answers every commit")
+        } else if self.block_in_place {
             tokio::task::block_in_place(|| self.storage.commit(batch))
         } else {
             self.storage.commit(batch)
