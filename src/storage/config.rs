@@ -1,7 +1,12 @@
 //! Configuration of a store: cache size, flush policy and size limits.
 
 /// Newest on-disk format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// History: 1, the first; 2, snapshot data records in a sled tree of their
+/// own (the logical records are unchanged; a format-1 store is read as it is
+/// and upgraded by its first writable open, after which older builds refuse
+/// it with `NewerFormat`).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// When a commit makes its batch durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -129,6 +129,18 @@ impl<B: Backend> Engine<B> {
                     });
                 }
                 Some(0) => return Err(corruption(FORMAT_KEY, "format version 0 does not exist")),
+                Some(found) if found < FORMAT_VERSION && create => {
+                    // Format 2 only moved where sled keeps snapshot data (read
+                    // from either place), so the marker is the whole upgrade.
+                    let mut buf = Vec::new();
+                    encode_format(FORMAT_VERSION, &mut buf);
+                    let mut batch = backend.new_batch();
+                    batch.put(FORMAT_KEY, &buf);
+                    backend.apply(batch)?;
+                    backend.flush()?;
+                    tracing::info!(path = %path.display(), from = found, to = FORMAT_VERSION, "upgraded a raftkv store");
+                    FORMAT_VERSION
+                }
                 Some(found) => found,
             },
             None if !backend.is_empty()? => {

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::engine::{Backend, BackendBatch, Engine};
+use super::format::TAG_SNAPSHOT_DATA;
 use super::{FlushMode, StorageError, StoreConfig};
+use sled::Transactional;
 
 /// The durable state of one node: one data directory holding one sled
 /// database. Cheap to clone (all clones share the database); the directory is
@@ -189,8 +191,21 @@ fn check_directory(path: &Path, create: bool) -> Result<(), StorageError> {
 /// power loss needs: every blob file written since the last flush is synced
 /// (and the blob directory with it) before sled's log records that point at
 /// them, and the log file is `fdatasync`ed after them.
+///
+/// Snapshot data records (the one key per group under `TAG_SNAPSHOT_DATA`)
+/// live in a sled tree of their own ([`SNAPSHOT_TREE`]). In the default tree
+/// the record sorted right after the log's newest entries, so it shared their
+/// leaf page, and sled rewrote the whole snapshot (a blob file once over
+/// 128 KiB) every time it consolidated that page — hundreds of times a
+/// second under load, the cost growing with the state machine. A batch that
+/// writes snapshot data is applied as one sled transaction over both trees
+/// (atomic like any batch); reads fall back to the default tree, where
+/// format-1 stores kept the record (a later write moves it).
 pub(crate) struct SledBackend {
     db: sled::Db,
+    /// The snapshot-data tree, opened (created) at the first snapshot write
+    /// or when it exists, so that a read-only open creates nothing.
+    snapshots: std::sync::OnceLock<sled::Tree>,
     /// sled's log file (`DIR/db`), opened again only to `fdatasync` it.
     log_file: std::fs::File,
     /// sled's directory of large values.
@@ -202,14 +217,26 @@ pub(crate) struct SledBackend {
 /// sled's log file and blob directory inside a data directory.
 const SLED_LOG_FILE: &str = "db";
 const SLED_BLOBS_DIR: &str = "blobs";
+/// The sled tree holding snapshot data records.
+pub(crate) const SNAPSHOT_TREE: &[u8] = b"raftkv-snapshot-data";
+
+/// Whether `key` is a snapshot data record (kept in [`SNAPSHOT_TREE`]).
+fn is_snapshot_data(key: &[u8]) -> bool {
+    key.first() == Some(&TAG_SNAPSHOT_DATA)
+}
 
 impl SledBackend {
     /// Wraps an open database; syncs what an earlier run may have left
     /// unsynced (the blobs, the directories).
     fn new(db: sled::Db, dir: &Path) -> Result<SledBackend, StorageError> {
         let log_file = std::fs::File::open(dir.join(SLED_LOG_FILE))?;
+        let snapshots = std::sync::OnceLock::new();
+        if db.tree_names().iter().any(|name| name == SNAPSHOT_TREE) {
+            let _ = snapshots.set(db.open_tree(SNAPSHOT_TREE)?);
+        }
         let backend = SledBackend {
             db,
+            snapshots,
             log_file,
             blobs_dir: dir.join(SLED_BLOBS_DIR),
             synced_blobs: std::sync::Mutex::new(std::collections::HashSet::new()),
@@ -217,6 +244,48 @@ impl SledBackend {
         backend.sync_new_blobs()?;
         sync_directory(dir)?;
         Ok(backend)
+    }
+
+    /// The snapshot-data tree, created if needed.
+    fn snapshots_for_write(&self) -> Result<&sled::Tree, StorageError> {
+        if let Some(tree) = self.snapshots.get() {
+            return Ok(tree);
+        }
+        let tree = self.db.open_tree(SNAPSHOT_TREE)?;
+        // Writes are serialised by the engine's lock: nobody raced us here.
+        Ok(self.snapshots.get_or_init(|| tree))
+    }
+
+    /// Applies a batch that writes snapshot data: one transaction over both
+    /// trees; a snapshot record written here leaves the default tree.
+    fn apply_with_snapshots(&self, batch: SledBatch) -> Result<(), StorageError> {
+        let snapshots = self.snapshots_for_write()?;
+        let main: &sled::Tree = &self.db;
+        let result: sled::transaction::TransactionResult<(), ()> =
+            (main, snapshots).transaction(|(main, snapshots)| {
+                for (key, value) in &batch.writes {
+                    if is_snapshot_data(key) {
+                        main.remove(key.clone())?;
+                        match value {
+                            Some(value) => snapshots.insert(key.clone(), value.clone())?,
+                            None => snapshots.remove(key.clone())?,
+                        };
+                    } else {
+                        match value {
+                            Some(value) => main.insert(key.clone(), value.clone())?,
+                            None => main.remove(key.clone())?,
+                        };
+                    }
+                }
+                Ok(())
+            });
+        match result {
+            Ok(()) => Ok(()),
+            Err(sled::transaction::TransactionError::Storage(error)) => Err(error.into()),
+            Err(sled::transaction::TransactionError::Abort(())) => {
+                unreachable!("the transaction never aborts")
+            }
+        }
     }
 
     /// Syncs every blob file not yet known durable, then the blob directory
@@ -290,6 +359,17 @@ impl Backend for SledBackend {
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<sled::IVec>, StorageError> {
+        if is_snapshot_data(key) {
+            if let Some(value) = self
+                .snapshots
+                .get()
+                .map(|t| t.get(key))
+                .transpose()?
+                .flatten()
+            {
+                return Ok(Some(value));
+            }
+        }
         Ok(self.db.get(key)?)
     }
 
@@ -297,6 +377,12 @@ impl Backend for SledBackend {
     where
         F: FnMut(&[u8], sled::IVec) -> Result<bool, StorageError>,
     {
+        // No scan of the engine reaches the snapshot-data records, which
+        // live in another tree.
+        debug_assert!(
+            !(lo <= &[TAG_SNAPSHOT_DATA, u8::MAX][..] && hi > &[TAG_SNAPSHOT_DATA][..]),
+            "a scan over the snapshot-data records"
+        );
         let range = self.db.range(lo..hi);
         if reverse {
             for item in range.rev() {
@@ -317,11 +403,22 @@ impl Backend for SledBackend {
     }
 
     fn is_empty(&self) -> Result<bool, StorageError> {
-        // Only the default tree may exist in a fresh database.
-        Ok(self.db.is_empty() && self.db.tree_names().len() <= 1)
+        // Only the default tree (and an empty snapshot tree) may exist in a
+        // fresh database.
+        let default_tree: &[u8] = b"__sled__default";
+        let only_ours = self
+            .db
+            .tree_names()
+            .iter()
+            .all(|name| name == default_tree || name == SNAPSHOT_TREE);
+        let snapshots_empty = self.snapshots.get().is_none_or(|t| t.is_empty());
+        Ok(self.db.is_empty() && snapshots_empty && only_ours)
     }
 
     fn apply(&self, mut batch: SledBatch) -> Result<(), StorageError> {
+        if batch.writes.iter().any(|(key, _)| is_snapshot_data(key)) {
+            return self.apply_with_snapshots(batch);
+        }
         if batch.writes.len() == 1 {
             let (key, value) = batch.writes.pop().expect("one write");
             match value {
@@ -356,7 +453,97 @@ impl Backend for SledBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{KvStorage, Storage, WriteBatch};
+    use crate::raft::{Entry, EntryKind, SnapshotMeta};
+    use crate::storage::FORMAT_VERSION;
+    use crate::storage::format::{FORMAT_KEY, encode_format, group_key};
+    use crate::storage::{KvStorage, RaftLogStorage, Storage, WriteBatch};
+
+    fn entries(from: u64, to: u64) -> Vec<Entry> {
+        (from..=to)
+            .map(|index| Entry {
+                index,
+                term: 1,
+                kind: EntryKind::Normal,
+                data: Bytes::from(vec![index as u8; 100]),
+            })
+            .collect()
+    }
+
+    fn meta(index: u64) -> SnapshotMeta {
+        SnapshotMeta {
+            last_included_index: index,
+            last_included_term: 1,
+        }
+    }
+
+    /// Snapshot data lives in its own tree, never in the default tree next
+    /// to the log's newest entries (where every page rewrite copied it).
+    #[test]
+    fn snapshot_data_lives_in_its_own_tree() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store.append(0, &entries(1, 10)).expect("append");
+        let data = Bytes::from(vec![9u8; 300_000]);
+        store
+            .install_snapshot(0, meta(5), data.clone())
+            .expect("snapshot");
+        store.append(0, &entries(11, 20)).expect("append");
+        let key = group_key(TAG_SNAPSHOT_DATA, 0);
+        let backend = store.engine.backend();
+        assert!(backend.db.get(key).expect("get").is_none());
+        let tree = backend.snapshots.get().expect("the snapshot tree exists");
+        assert!(tree.get(key).expect("get").is_some());
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.snapshot(0).expect("snapshot"), (meta(5), data));
+        assert_eq!(store.last_index(0).expect("last"), 20);
+    }
+
+    /// A format-1 store kept snapshot data in the default tree: it is read
+    /// from there (a read-only open leaves the store as it is), a writable
+    /// open upgrades the marker, and the next snapshot moves the record.
+    #[test]
+    fn format_1_snapshot_data_is_read_and_moved() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = Bytes::from(vec![1u8; 1000]);
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store.append(0, &entries(1, 10)).expect("append");
+            store
+                .install_snapshot(0, meta(5), old.clone())
+                .expect("snapshot");
+            // Make it a format-1 store: the record in the default tree.
+            let backend = store.engine.backend();
+            let key = group_key(TAG_SNAPSHOT_DATA, 0);
+            let tree = backend.snapshots.get().expect("tree");
+            let value = tree.remove(key).expect("remove").expect("present");
+            backend.db.insert(key, value).expect("insert");
+            let mut marker = Vec::new();
+            encode_format(1, &mut marker);
+            backend.db.insert(FORMAT_KEY, marker).expect("marker");
+            backend.flush().expect("flush");
+        }
+        let read_only = StoreConfig {
+            create_if_missing: false,
+            ..StoreConfig::default()
+        };
+        let store = Store::open_with(dir.path(), &read_only).expect("open read-only");
+        assert_eq!(store.format_version(), 1);
+        assert_eq!(store.snapshot(0).expect("snapshot"), (meta(5), old.clone()));
+        drop(store);
+        let store = Store::open(dir.path()).expect("open");
+        assert_eq!(store.format_version(), FORMAT_VERSION);
+        assert_eq!(store.snapshot(0).expect("snapshot"), (meta(5), old));
+        let new = Bytes::from(vec![2u8; 1000]);
+        store
+            .install_snapshot(0, meta(8), new.clone())
+            .expect("snapshot");
+        let key = group_key(TAG_SNAPSHOT_DATA, 0);
+        assert!(store.engine.backend().db.get(key).expect("get").is_none());
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.snapshot(0).expect("snapshot"), (meta(8), new));
+    }
 
     /// A value too large for sled's log goes to a blob file, which sled never
     /// syncs; a flushing commit leaves every blob file known synced.

@@ -79,7 +79,7 @@ fn text_report_shows_groups_entries_keys_and_records() {
     assert!(output.status.success(), "stderr: {}", stderr(&output));
     let text = stdout(&output);
     for expected in [
-        "format version: 1",
+        "format version: 2",
         "raft group 0\n  hard state: term 4, voted for node 2\n  log: first index 4, last index 12 (9 entries)\n  snapshot: last included index 3, term 1, 10 bytes\n  last 3 entries:\n    index 10  term 4  normal  8 bytes  hex 636d642d31302d34\n    index 11  term 4",
         "    index 12  term 4  normal  8 bytes",
         "raft group 5\n  hard state: term 0, voted for nobody\n  log: first index 1, last index 1 (1 entries)\n  snapshot: none\n  last 1 entries:\n    index 1  term 1  noop  0 bytes\n",
@@ -103,7 +103,7 @@ fn json_report_has_the_same_content() {
     assert!(output.status.success(), "stderr: {}", stderr(&output));
     let report: serde_json::Value =
         serde_json::from_str(&stdout(&output)).expect("one JSON document");
-    assert_eq!(report["format_version"], 1);
+    assert_eq!(report["format_version"], 2);
     let group = &report["raft_groups"][0];
     assert_eq!(group["group"], 0);
     assert_eq!(group["term"], 4);
