@@ -9,6 +9,7 @@ use bytes::Bytes;
 use smallvec::SmallVec;
 
 use super::engine::{Backend, BackendBatch, Engine};
+use super::format::{TAG_ENTRY, be_u64, entry_key};
 use super::{Limits, StorageError};
 
 /// The durable image of a simulated node's disk: what survives its crashes.
@@ -30,9 +31,18 @@ pub struct MemDisk {
 /// A record's key; log-entry and hard-state keys (≤ 17 bytes) stay inline.
 type DiskKey = SmallVec<[u8; 24]>;
 
+/// A log entry's key, `(group, index)`: the 17-byte entry key in numeric form
+/// (big-endian bytes order like the tuple).
+type LogKey = (u64, u64);
+
 #[derive(Default)]
 struct DiskImage {
+    /// Every record but the log entries.
     records: BTreeMap<DiskKey, Bytes>,
+    /// The log entries (`TAG_ENTRY` keys), by `(group, index)`: most writes
+    /// are entries, and integer keys compare far faster than byte strings.
+    /// Reads see one ordered key space: scans merge both maps.
+    log: BTreeMap<LogKey, Bytes>,
     /// Whether a live `MemStore` uses this disk (sled's directory lock).
     open: bool,
 }
@@ -41,7 +51,7 @@ impl std::fmt::Debug for MemDisk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let image = self.lock();
         f.debug_struct("MemDisk")
-            .field("records", &image.records.len())
+            .field("records", &(image.records.len() + image.log.len()))
             .field("open", &image.open)
             .finish()
     }
@@ -56,10 +66,13 @@ impl MemDisk {
     /// A copy of the durable image, not in use by any store: what a node
     /// restarted after a crash finds.
     pub fn fork(&self) -> MemDisk {
-        let records = self.lock().records.clone();
+        let image = self.lock();
+        let (records, log) = (image.records.clone(), image.log.clone());
+        drop(image);
         MemDisk {
             image: Arc::new(Mutex::new(DiskImage {
                 records,
+                log,
                 open: false,
             })),
         }
@@ -67,11 +80,18 @@ impl MemDisk {
 
     /// Total bytes of keys and values on the disk.
     pub fn size_bytes(&self) -> u64 {
-        self.lock()
+        let image = self.lock();
+        let records: u64 = image
             .records
             .iter()
             .map(|(key, value)| (key.len() + value.len()) as u64)
-            .sum()
+            .sum();
+        let log: u64 = image
+            .log
+            .values()
+            .map(|value| (LOG_KEY_BYTES + value.len()) as u64)
+            .sum();
+        records + log
     }
 
     fn lock(&self) -> MutexGuard<'_, DiskImage> {
@@ -149,6 +169,70 @@ impl Drop for MemBackend {
     }
 }
 
+/// Length of a log entry key: tag, group, index.
+const LOG_KEY_BYTES: usize = 17;
+
+/// The `(group, index)` of a log entry key, `None` for any other key.
+fn log_key(key: &[u8]) -> Option<LogKey> {
+    if key.len() != LOG_KEY_BYTES || key[0] != TAG_ENTRY {
+        return None;
+    }
+    Some((be_u64(key, 1), be_u64(key, 9)))
+}
+
+/// The smallest `(group, index)` whose entry key is `>= bound` (`None`: no
+/// entry key is). Entry keys order like their tuples.
+fn log_lower_bound(bound: &[u8]) -> Option<LogKey> {
+    match bound.first() {
+        None => return Some((0, 0)),
+        Some(&tag) if tag < TAG_ENTRY => return Some((0, 0)),
+        Some(&tag) if tag > TAG_ENTRY => return None,
+        Some(_) => {}
+    }
+    // A shorter bound compares like itself padded with zeros; a longer one
+    // is above the entry key it starts with.
+    let mut padded = [0u8; LOG_KEY_BYTES];
+    let n = bound.len().min(LOG_KEY_BYTES);
+    padded[..n].copy_from_slice(&bound[..n]);
+    let at = (be_u64(&padded, 1), be_u64(&padded, 9));
+    if bound.len() <= LOG_KEY_BYTES {
+        Some(at)
+    } else if at.1 < u64::MAX {
+        Some((at.0, at.1 + 1))
+    } else if at.0 < u64::MAX {
+        Some((at.0 + 1, 0))
+    } else {
+        None
+    }
+}
+
+/// The log entries whose keys lie in `lo..hi`.
+fn log_range<'a>(
+    log: &'a BTreeMap<LogKey, Bytes>,
+    lo: &[u8],
+    hi: &[u8],
+) -> Box<dyn DoubleEndedIterator<Item = (&'a LogKey, &'a Bytes)> + 'a> {
+    let Some(start) = log_lower_bound(lo) else {
+        return Box::new(std::iter::empty());
+    };
+    let end = log_lower_bound(hi);
+    match end {
+        Some(end) if end <= start => Box::new(std::iter::empty()),
+        Some(end) => Box::new(log.range(start..end)),
+        None => Box::new(log.range(start..)),
+    }
+}
+
+/// The other records of a scan, in its order.
+type RecordIter<'a> = Box<dyn Iterator<Item = (&'a DiskKey, &'a Bytes)> + 'a>;
+/// The log entries of a scan, in its order.
+type LogIter<'a> = Box<dyn Iterator<Item = (&'a LogKey, &'a Bytes)> + 'a>;
+
+/// The 17-byte key of a log entry.
+fn log_key_bytes(&(group, index): &LogKey) -> [u8; LOG_KEY_BYTES] {
+    entry_key(group, index)
+}
+
 /// Writes in order; applied one after another under the disk lock. The
 /// values of small writes are copied into one buffer per batch (one
 /// allocation, shared by the records it holds); a large value gets its own.
@@ -193,7 +277,11 @@ impl Backend for MemBackend {
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Bytes>, StorageError> {
-        Ok(self.disk.lock().records.get(key).cloned())
+        let image = self.disk.lock();
+        Ok(match log_key(key) {
+            Some(at) => image.log.get(&at).cloned(),
+            None => image.records.get(key).cloned(),
+        })
     }
 
     fn scan<F>(&self, lo: &[u8], hi: &[u8], reverse: bool, mut visit: F) -> Result<(), StorageError>
@@ -201,42 +289,65 @@ impl Backend for MemBackend {
         F: FnMut(&[u8], Bytes) -> Result<bool, StorageError>,
     {
         let image = self.disk.lock();
-        let range = image
+        let records = image
             .records
             .range::<[u8], _>((Bound::Included(lo), Bound::Excluded(hi)));
-        if reverse {
-            for (key, value) in range.rev() {
-                if !visit(key, value.clone())? {
-                    break;
-                }
-            }
+        let log = log_range(&image.log, lo, hi);
+        // Merge the two ordered sources into one key order.
+        let (mut records, mut log): (RecordIter<'_>, LogIter<'_>) = if reverse {
+            (Box::new(records.rev()), Box::new(log.rev()))
         } else {
-            for (key, value) in range {
-                if !visit(key, value.clone())? {
-                    break;
-                }
+            (Box::new(records), log)
+        };
+        let mut next_record = records.next();
+        let mut next_entry = log.next();
+        loop {
+            let entry_key = next_entry.map(|(at, _)| log_key_bytes(at));
+            let take_record = match (next_record, &entry_key) {
+                (None, None) => return Ok(()),
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some((key, _)), Some(entry_key)) => (key.as_slice() < &entry_key[..]) != reverse,
+            };
+            let go_on = if take_record {
+                let (key, value) = next_record.expect("a record was chosen");
+                next_record = records.next();
+                visit(key, value.clone())?
+            } else {
+                let (_, value) = next_entry.expect("an entry was chosen");
+                next_entry = log.next();
+                visit(&entry_key.expect("an entry was chosen"), value.clone())?
+            };
+            if !go_on {
+                return Ok(());
             }
         }
-        Ok(())
     }
 
     fn is_empty(&self) -> Result<bool, StorageError> {
-        Ok(self.disk.lock().records.is_empty())
+        let image = self.disk.lock();
+        Ok(image.records.is_empty() && image.log.is_empty())
     }
 
     fn apply(&self, batch: MemBatch) -> Result<(), StorageError> {
         let arena = Bytes::from(batch.arena);
         let mut image = self.disk.lock();
         for (key, value) in batch.writes {
-            match value {
-                Some(value) => {
-                    let value = match value {
-                        BatchValue::Arena(range) => arena.slice(range),
-                        BatchValue::Own(value) => value,
-                    };
+            let value = value.map(|value| match value {
+                BatchValue::Arena(range) => arena.slice(range),
+                BatchValue::Own(value) => value,
+            });
+            match (log_key(&key), value) {
+                (Some(at), Some(value)) => {
+                    image.log.insert(at, value);
+                }
+                (Some(at), None) => {
+                    image.log.remove(&at);
+                }
+                (None, Some(value)) => {
                     image.records.insert(key, value);
                 }
-                None => {
+                (None, None) => {
                     image.records.remove(&key);
                 }
             }
@@ -250,5 +361,77 @@ impl Backend for MemBackend {
 
     fn into_bytes(value: Bytes) -> Bytes {
         value
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::format::{TAG_HARD_STATE, TAG_SNAPSHOT_DATA, group_key};
+
+    #[test]
+    fn log_bounds_follow_byte_order() {
+        assert_eq!(log_lower_bound(&[]), Some((0, 0)));
+        assert_eq!(log_lower_bound(&[TAG_HARD_STATE]), Some((0, 0)));
+        assert_eq!(log_lower_bound(&[TAG_SNAPSHOT_DATA]), None);
+        assert_eq!(log_lower_bound(&[TAG_ENTRY]), Some((0, 0)));
+        assert_eq!(log_lower_bound(&group_key(TAG_ENTRY, 3)), Some((3, 0)));
+        assert_eq!(log_lower_bound(&entry_key(3, 7)), Some((3, 7)));
+        let mut longer = entry_key(3, 7).to_vec();
+        longer.push(0);
+        assert_eq!(log_lower_bound(&longer), Some((3, 8)));
+        let mut last = entry_key(3, u64::MAX).to_vec();
+        last.push(0);
+        assert_eq!(log_lower_bound(&last), Some((4, 0)));
+    }
+
+    /// Scans see the log entries and the other records as one ordered key
+    /// space, both ways, and stop when told.
+    #[test]
+    fn scans_merge_the_log_with_the_other_records() {
+        let disk = MemDisk::new();
+        let backend = MemBackend { disk: disk.clone() };
+        let mut batch = backend.new_batch();
+        let keys: Vec<Vec<u8>> = vec![
+            group_key(TAG_HARD_STATE, 1).to_vec(),
+            group_key(TAG_ENTRY, 1).to_vec(), // a 9-byte key under the entry tag
+            entry_key(1, 1).to_vec(),
+            entry_key(1, 2).to_vec(),
+            entry_key(2, 1).to_vec(),
+            group_key(TAG_SNAPSHOT_DATA, 1).to_vec(),
+        ];
+        for key in keys.iter().rev() {
+            batch.put(key, key);
+        }
+        backend.apply(batch).expect("apply");
+        let scan = |lo: &[u8], hi: &[u8], reverse: bool, limit: usize| {
+            let mut seen = Vec::new();
+            backend
+                .scan(lo, hi, reverse, |key, value| {
+                    assert_eq!(key, value.as_ref());
+                    seen.push(key.to_vec());
+                    Ok(seen.len() < limit)
+                })
+                .expect("scan");
+            seen
+        };
+        assert_eq!(scan(&[0], &[0xff], false, usize::MAX), keys);
+        let mut reversed = keys.clone();
+        reversed.reverse();
+        assert_eq!(scan(&[0], &[0xff], true, usize::MAX), reversed);
+        assert_eq!(scan(&entry_key(1, 2), &[0xff], false, 2), keys[3..5]);
+        assert_eq!(
+            scan(&group_key(TAG_ENTRY, 1), &group_key(TAG_ENTRY, 2), true, 1),
+            vec![keys[3].clone()]
+        );
+        assert_eq!(
+            backend.get(&entry_key(2, 1)).expect("get").as_deref(),
+            Some(&keys[4][..])
+        );
+        let mut batch = backend.new_batch();
+        batch.delete(&entry_key(1, 1));
+        backend.apply(batch).expect("apply");
+        assert_eq!(backend.get(&entry_key(1, 1)).expect("get"), None);
+        assert_eq!(disk.fork().size_bytes(), disk.size_bytes());
     }
 }
