@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use raftkv::kv::KvCommand;
+use raftkv::kv::{KvCommand, KvLogCommand};
 use raftkv::mr::test_apps::{TEST_APP_NAMES, TestAppEnv, test_app_by_name};
 use raftkv::mr::{
     APP_NAMES, App, COORDINATOR_NODE_ID, Coordinator, CoordinatorConfig, JobConfig, JobStart,
@@ -275,6 +275,12 @@ enum DecodedData {
     },
     /// A key/value Get command.
     KvGet { key: String },
+    /// Key/value commands batched into one entry, applied in order.
+    KvBatch {
+        commands: usize,
+        /// The first command, decoded.
+        first: Box<DecodedData>,
+    },
     /// Bytes `inspect` cannot decode: the first bytes in hex.
     Opaque { hex_prefix: String, truncated: bool },
 }
@@ -313,23 +319,17 @@ fn decode_entry_data(entry: &Entry) -> DecodedData {
     if entry.data.is_empty() {
         return DecodedData::Empty;
     }
-    match KvCommand::decode(&entry.data) {
-        Ok(KvCommand::Put {
-            key,
-            value,
-            version,
-        }) => {
-            return DecodedData::KvPut {
-                key: escaped(key.as_bytes()),
-                version,
-                value_bytes: value.len(),
-                value_prefix: escaped(&value[..value.len().min(VALUE_PREFIX_BYTES)]),
-                truncated: value.len() > VALUE_PREFIX_BYTES,
-            };
-        }
-        Ok(KvCommand::Get { key }) => {
-            return DecodedData::KvGet {
-                key: escaped(key.as_bytes()),
+    match KvLogCommand::decode(&entry.data) {
+        Ok(KvLogCommand::One(command)) => return decode_kv_command(command),
+        Ok(KvLogCommand::Batch(commands)) => {
+            return DecodedData::KvBatch {
+                commands: commands.len(),
+                first: Box::new(decode_kv_command(
+                    commands
+                        .into_iter()
+                        .next()
+                        .expect("a decoded batch is not empty"),
+                )),
             };
         }
         Err(_) => {}
@@ -338,6 +338,26 @@ fn decode_entry_data(entry: &Entry) -> DecodedData {
     DecodedData::Opaque {
         hex_prefix: shown.iter().map(|b| format!("{b:02x}")).collect(),
         truncated: entry.data.len() > HEX_PREFIX_BYTES,
+    }
+}
+
+/// One key/value command for display.
+fn decode_kv_command(command: KvCommand) -> DecodedData {
+    match command {
+        KvCommand::Put {
+            key,
+            value,
+            version,
+        } => DecodedData::KvPut {
+            key: escaped(key.as_bytes()),
+            version,
+            value_bytes: value.len(),
+            value_prefix: escaped(&value[..value.len().min(VALUE_PREFIX_BYTES)]),
+            truncated: value.len() > VALUE_PREFIX_BYTES,
+        },
+        KvCommand::Get { key } => DecodedData::KvGet {
+            key: escaped(key.as_bytes()),
+        },
     }
 }
 
@@ -456,24 +476,7 @@ fn render_text(report: &Report) -> Result<String, std::fmt::Error> {
         }
         writeln!(out, "  last {} entries:", group.last_entries.len())?;
         for entry in &group.last_entries {
-            let data = match &entry.decoded {
-                DecodedData::Empty => String::new(),
-                DecodedData::KvPut {
-                    key,
-                    version,
-                    value_bytes,
-                    value_prefix,
-                    truncated,
-                } => format!(
-                    "  kv put \"{key}\" version {version} value ({value_bytes} bytes) \"{value_prefix}{}\"",
-                    if *truncated { "..." } else { "" }
-                ),
-                DecodedData::KvGet { key } => format!("  kv get \"{key}\""),
-                DecodedData::Opaque {
-                    hex_prefix,
-                    truncated,
-                } => format!("  hex {hex_prefix}{}", if *truncated { "..." } else { "" }),
-            };
+            let data = render_decoded(&entry.decoded);
             writeln!(
                 out,
                 "    index {}  term {}  {}  {} bytes{data}",
@@ -481,6 +484,40 @@ fn render_text(report: &Report) -> Result<String, std::fmt::Error> {
             )?;
         }
     }
+    render_kv_and_mr(report, &mut out)?;
+    Ok(out)
+}
+
+/// An entry's decoded data as a suffix of its line (empty, or two spaces and the text).
+fn render_decoded(decoded: &DecodedData) -> String {
+    match decoded {
+        DecodedData::Empty => String::new(),
+        DecodedData::KvPut {
+            key,
+            version,
+            value_bytes,
+            value_prefix,
+            truncated,
+        } => format!(
+            "  kv put \"{key}\" version {version} value ({value_bytes} bytes) \"{value_prefix}{}\"",
+            if *truncated { "..." } else { "" }
+        ),
+        DecodedData::KvGet { key } => format!("  kv get \"{key}\""),
+        DecodedData::Opaque {
+            hex_prefix,
+            truncated,
+        } => format!("  hex {hex_prefix}{}", if *truncated { "..." } else { "" }),
+        DecodedData::KvBatch { commands, first } => {
+            format!(
+                "  kv batch of {commands} commands, first:{}",
+                render_decoded(first)
+            )
+        }
+    }
+}
+
+/// The KV namespaces and MapReduce records of a text report.
+fn render_kv_and_mr(report: &Report, out: &mut String) -> std::fmt::Result {
     if report.kv_namespaces.is_empty() {
         writeln!(out)?;
         writeln!(out, "kv namespaces: none")?;
@@ -512,7 +549,7 @@ fn render_text(report: &Report) -> Result<String, std::fmt::Error> {
             record.key, record.value_bytes, record.value_prefix
         )?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Opens a stopped node's directory for reading and builds its report.

@@ -32,7 +32,10 @@ pub mod types;
 
 pub use clerk::{Clerk, ClerkConfig, ClerkConfigError, KvClient, KvRpc, NoReply};
 pub use lock::{FencingToken, Lock, LockConfig, LockError, LockGrant, LockRecord, OWNER_BYTES_MAX};
-pub use replicated::{KV_SNAPSHOT_FORMAT, KvStateMachine, RaftKvConfig, RaftKvError, RaftKvServer};
+pub use replicated::{
+    BATCH_BYTES_MAX, BATCH_COMMANDS_MAX, BATCH_FORMAT, KV_SNAPSHOT_FORMAT, KvLogCommand,
+    KvLogReply, KvStateMachine, RaftKvConfig, RaftKvError, RaftKvServer,
+};
 pub use rpc::{EndpointRpc, KV_REQUEST_KIND, KvResponse, ServerUnavailable};
 pub use server::{KvServer, KvServerConfig, KvServerError, KvServerStats};
 pub use state_machine::{Applied, MemoryKv, VersionedMap, apply, execute};

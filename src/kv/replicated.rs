@@ -30,12 +30,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::rpc::{KvResponse, ServerUnavailable};
 use super::state_machine::MemoryKv;
 use super::status::serve_status;
-use super::types::{KvCommand, KvError, KvReply, Versioned};
+use super::types::{COMMAND_BYTES_MAX, KvCommand, KvError, KvReply, Versioned};
 use crate::NodeId;
 use crate::net::{Endpoint, NetError};
 use crate::rsm::{CodecError, Rsm, RsmConfig, RsmStartError, StateMachine, SubmitError};
@@ -43,6 +43,89 @@ use crate::storage::RaftLogStorage;
 
 /// Format byte of a [`KvStateMachine`] snapshot.
 pub const KV_SNAPSHOT_FORMAT: u8 = 1;
+
+/// First byte of a log entry carrying a batch of commands
+/// ([`KvLogCommand::Batch`]); a single command keeps
+/// [`COMMAND_FORMAT`](super::types::COMMAND_FORMAT).
+pub const BATCH_FORMAT: u8 = 2;
+
+/// Most commands one log entry carries.
+pub const BATCH_COMMANDS_MAX: usize = 256;
+
+/// Most encoded bytes of the commands one batch gathers (a command larger
+/// than this travels alone); well under the Raft entry limit.
+pub const BATCH_BYTES_MAX: usize = 256 * 1024;
+
+/// Largest encoded batch entry accepted when decoding.
+const BATCH_ENCODED_BYTES_MAX: usize = COMMAND_BYTES_MAX + BATCH_BYTES_MAX;
+
+/// What one log entry of the replicated service carries: one command, or
+/// several Puts that arrived together, applied one after another at the
+/// entry's place in the log (as if they were consecutive entries). Batching
+/// cuts the per-entry costs (a storage record, replication, a waiter) when
+/// many clients write at once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvLogCommand {
+    /// One command, encoded as [`KvCommand::encode`] (the format of every
+    /// entry before batches existed).
+    One(KvCommand),
+    /// Commands applied in order: `[BATCH_FORMAT] ++ postcard(commands)`.
+    Batch(Vec<KvCommand>),
+}
+
+/// The output of a [`KvLogCommand`]: one reply per command, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvLogReply {
+    /// The reply to [`KvLogCommand::One`].
+    One(KvReply),
+    /// The replies to [`KvLogCommand::Batch`], in the batch's order.
+    Batch(Vec<KvReply>),
+}
+
+impl KvLogCommand {
+    /// The bytes of the log entry.
+    pub fn encode(&self) -> Bytes {
+        match self {
+            KvLogCommand::One(command) => command.encode(),
+            KvLogCommand::Batch(commands) => Bytes::from(
+                postcard::to_extend(commands, vec![BATCH_FORMAT])
+                    .expect("encoding into a Vec cannot fail"),
+            ),
+        }
+    }
+
+    /// Decodes a log entry; garbage is an error, never a panic.
+    pub fn decode(input: &[u8]) -> Result<Self, CodecError> {
+        match input.first() {
+            Some(&BATCH_FORMAT) => {
+                if input.len() > BATCH_ENCODED_BYTES_MAX {
+                    return Err(CodecError::new(
+                        "kv batch",
+                        format!("{} bytes exceed {BATCH_ENCODED_BYTES_MAX}", input.len()),
+                    ));
+                }
+                let (commands, rest) = postcard::take_from_bytes::<Vec<KvCommand>>(&input[1..])
+                    .map_err(|error| CodecError::new("kv batch", error))?;
+                if !rest.is_empty() {
+                    return Err(CodecError::new(
+                        "kv batch",
+                        format!("{} trailing bytes", rest.len()),
+                    ));
+                }
+                if commands.is_empty() || commands.len() > BATCH_COMMANDS_MAX {
+                    return Err(CodecError::new(
+                        "kv batch",
+                        format!("{} commands (1..={BATCH_COMMANDS_MAX})", commands.len()),
+                    ));
+                }
+                Ok(KvLogCommand::Batch(commands))
+            }
+            _ => KvCommand::decode(input)
+                .map(KvLogCommand::One)
+                .map_err(|error| CodecError::new("kv command", error)),
+        }
+    }
+}
 
 /// The versioned map as a replicated [`StateMachine`]: commands are
 /// [`KvCommand`]s (log entries carry [`KvCommand::encode`], which
@@ -72,19 +155,27 @@ impl KvStateMachine {
 }
 
 impl StateMachine for KvStateMachine {
-    type Command = KvCommand;
-    type Output = KvReply;
+    type Command = KvLogCommand;
+    type Output = KvLogReply;
 
-    fn encode_command(command: &KvCommand) -> Bytes {
+    fn encode_command(command: &KvLogCommand) -> Bytes {
         command.encode()
     }
 
-    fn decode_command(data: &[u8]) -> Result<KvCommand, CodecError> {
-        KvCommand::decode(data).map_err(|error| CodecError::new("kv command", error))
+    fn decode_command(data: &[u8]) -> Result<KvLogCommand, CodecError> {
+        KvLogCommand::decode(data)
     }
 
-    fn apply(&mut self, _index: u64, command: KvCommand) -> KvReply {
-        self.map.apply(&command)
+    fn apply(&mut self, _index: u64, command: KvLogCommand) -> KvLogReply {
+        match command {
+            KvLogCommand::One(command) => KvLogReply::One(self.map.apply(&command)),
+            KvLogCommand::Batch(commands) => KvLogReply::Batch(
+                commands
+                    .iter()
+                    .map(|command| self.map.apply(command))
+                    .collect(),
+            ),
+        }
     }
 
     /// One format byte, then the records sorted by key (postcard), so every
@@ -204,15 +295,18 @@ impl RaftKvServer {
             KvStateMachine::new(),
         )?;
         let inflight = Arc::new(Semaphore::new(config.requests_inflight_max));
+        let (puts, queue) = mpsc::channel(config.requests_inflight_max);
+        tokio::spawn(batch_puts(rsm.clone(), queue));
         let handler_rsm = rsm.clone();
         let registered = endpoint.register(move |_from, command: KvCommand| {
             let rsm = handler_rsm.clone();
+            let puts = puts.clone();
             let permit = inflight.clone().try_acquire_owned();
             async move {
                 let Ok(_permit) = permit else {
                     return Err(ServerUnavailable::Busy);
                 };
-                serve(&rsm, command).await
+                serve(&rsm, &puts, command).await
             }
         });
         let registered = registered.and_then(|()| serve_status(&endpoint, &rsm, status_storage));
@@ -236,13 +330,95 @@ impl RaftKvServer {
     }
 }
 
+/// A Put waiting for the batcher, and where its outcome goes.
+type PendingPut = (KvCommand, oneshot::Sender<Result<KvReply, SubmitError>>);
+
+/// Encoded size of a command, near enough for the batch byte bound.
+fn command_bytes(command: &KvCommand) -> usize {
+    match command {
+        KvCommand::Put { key, value, .. } => key.len() + value.len() + 16,
+        KvCommand::Get { key } => key.len() + 8,
+    }
+}
+
+/// Gathers the Puts queued at one moment (at most [`BATCH_COMMANDS_MAX`] and
+/// [`BATCH_BYTES_MAX`]) into one log entry and submits it without waiting for
+/// the batches before it, which are in flight meanwhile. A lone Put goes as
+/// [`KvLogCommand::One`]. Ends when every sender is gone.
+async fn batch_puts(rsm: Rsm<KvStateMachine>, mut queue: mpsc::Receiver<PendingPut>) {
+    let mut carried: Option<PendingPut> = None;
+    loop {
+        let first = match carried.take() {
+            Some(put) => put,
+            None => match queue.recv().await {
+                Some(put) => put,
+                None => return,
+            },
+        };
+        let mut bytes = command_bytes(&first.0);
+        let mut batch = vec![first];
+        while batch.len() < BATCH_COMMANDS_MAX {
+            let Ok(next) = queue.try_recv() else { break };
+            let next_bytes = command_bytes(&next.0);
+            if bytes + next_bytes > BATCH_BYTES_MAX {
+                carried = Some(next);
+                break;
+            }
+            bytes += next_bytes;
+            batch.push(next);
+        }
+        tokio::spawn(submit_batch(rsm.clone(), batch));
+    }
+}
+
+/// Submits one batch and hands every Put its own outcome.
+async fn submit_batch(rsm: Rsm<KvStateMachine>, mut batch: Vec<PendingPut>) {
+    if batch.len() == 1 {
+        let (command, reply) = batch.pop().expect("one put");
+        let outcome = rsm
+            .submit(&KvLogCommand::One(command))
+            .await
+            .map(|output| match output {
+                KvLogReply::One(reply) => reply,
+                KvLogReply::Batch(_) => panic!("invariant: one command gives one reply"),
+            });
+        let _ = reply.send(outcome);
+        return;
+    }
+    let (commands, replies): (Vec<KvCommand>, Vec<_>) = batch.into_iter().unzip();
+    let count = commands.len();
+    match rsm.submit(&KvLogCommand::Batch(commands)).await {
+        Ok(KvLogReply::Batch(outputs)) if outputs.len() == count => {
+            for (reply, output) in replies.into_iter().zip(outputs) {
+                let _ = reply.send(Ok(output));
+            }
+        }
+        Ok(other) => panic!("invariant: a batch of {count} commands got {other:?}"),
+        Err(error) => {
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
 /// Serves one request (see the module docs).
-async fn serve(rsm: &Rsm<KvStateMachine>, command: KvCommand) -> KvResponse {
+async fn serve(
+    rsm: &Rsm<KvStateMachine>,
+    puts: &mpsc::Sender<PendingPut>,
+    command: KvCommand,
+) -> KvResponse {
     if let Err(error) = command.check_size() {
         return Ok(reply_error(&command, error));
     }
     let outcome = match &command {
-        KvCommand::Put { .. } => rsm.submit(&command).await,
+        KvCommand::Put { .. } => {
+            let (reply, outcome) = oneshot::channel();
+            match puts.send((command.clone(), reply)).await {
+                Ok(()) => outcome.await.unwrap_or(Err(SubmitError::Stopped)),
+                Err(_) => Err(SubmitError::Stopped),
+            }
+        }
         KvCommand::Get { key } => {
             rsm.read(|machine| match machine.map.get(key) {
                 Some(versioned) => KvReply::Get(Ok(versioned.clone())),
@@ -300,6 +476,96 @@ mod tests {
         RaftKvServer::start(id, voters, config, store, net.restart(id)).unwrap()
     }
 
+    fn put(key: &str, value: &str, version: u64) -> KvCommand {
+        KvCommand::Put {
+            key: key.to_owned(),
+            value: Bytes::from(value.to_owned()),
+            version,
+        }
+    }
+
+    // A single command keeps the entry format of the log before batches; a
+    // batch round-trips; garbage and out-of-bounds batches are errors.
+    #[test]
+    fn log_commands_round_trip_and_reject_garbage() {
+        let one = put("k", "v", 0);
+        assert_eq!(KvLogCommand::One(one.clone()).encode(), one.encode());
+        for command in [
+            KvLogCommand::One(one.clone()),
+            KvLogCommand::Batch(vec![one.clone(), put("j", "w", 3)]),
+        ] {
+            assert_eq!(KvLogCommand::decode(&command.encode()), Ok(command));
+        }
+        let batch = KvLogCommand::Batch(vec![one.clone()]).encode();
+        let mut trailing = batch.to_vec();
+        trailing.push(0);
+        assert!(KvLogCommand::decode(&trailing).is_err());
+        assert!(KvLogCommand::decode(&batch[..batch.len() - 1]).is_err());
+        assert!(KvLogCommand::decode(&KvLogCommand::Batch(Vec::new()).encode()).is_err());
+        let too_many = KvLogCommand::Batch(vec![one; BATCH_COMMANDS_MAX + 1]).encode();
+        assert!(KvLogCommand::decode(&too_many).is_err());
+        assert!(KvLogCommand::decode(&[]).is_err());
+        assert!(KvLogCommand::decode(&[BATCH_FORMAT, 0xff, 0xff]).is_err());
+    }
+
+    // A batch applies its commands in order, as consecutive entries would.
+    #[test]
+    fn a_batch_applies_in_order() {
+        let mut machine = KvStateMachine::new();
+        let replies = machine.apply(
+            1,
+            KvLogCommand::Batch(vec![put("k", "a", 0), put("k", "b", 1), put("k", "c", 1)]),
+        );
+        assert_eq!(
+            replies,
+            KvLogReply::Batch(vec![
+                KvReply::Put(Ok(())),
+                KvReply::Put(Ok(())),
+                KvReply::Put(Err(KvError::Version)),
+            ])
+        );
+        let stored = machine.map().get("k").expect("stored");
+        assert_eq!((stored.value.as_ref(), stored.version), (&b"b"[..], 2));
+    }
+
+    // Puts that arrive together share one log entry, and each gets its own
+    // reply.
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_puts_share_a_log_entry() {
+        let net = SimNetwork::new(SimConfig::new(8));
+        let disk = MemDisk::new();
+        let server = start(&net, &disk, 1, &[1]);
+        let mut status = server.rsm().node().subscribe();
+        status
+            .wait_for(|s| s.role == crate::raft::Role::Leader)
+            .await
+            .expect("node running");
+        let (puts, queue) = mpsc::channel(64);
+        tokio::spawn(batch_puts(server.rsm().clone(), queue));
+        let requests = (0..20).map(|i| serve(server.rsm(), &puts, put(&format!("k{i}"), "v", 0)));
+        let mut requests: Vec<_> = requests.collect();
+        // A put on k0 again, at version 1: applied after the first one.
+        requests.push(serve(server.rsm(), &puts, put("k0", "w", 1)));
+        let replies = futures::future::join_all(requests).await;
+        for reply in replies {
+            assert_eq!(reply, Ok(KvReply::Put(Ok(()))));
+        }
+        let store = MemStore::open(&disk.fork()).expect("fork");
+        let last = store.last_index(0).expect("last");
+        let entries = store.entries(0, 1, last + 1, u64::MAX).expect("entries");
+        let batches: Vec<usize> = entries
+            .iter()
+            .filter_map(|e| match KvLogCommand::decode(&e.data) {
+                Ok(KvLogCommand::Batch(commands)) => Some(commands.len()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(batches, vec![21], "one entry for the 21 puts: {batches:?}");
+        let value = server.rsm().read_local(|m| m.map().get("k0").cloned());
+        assert_eq!(value.map(|v| v.version), Some(2));
+        server.shutdown().await;
+    }
+
     // The snapshot round-trips the map, is byte-identical for equal maps,
     // and a corrupted snapshot is an error, not a panic.
     #[test]
@@ -311,7 +577,10 @@ mod tests {
                 value: Bytes::from(vec![i as u8; 3]),
                 version: 0,
             };
-            assert_eq!(machine.apply(i as u64 + 1, put), KvReply::Put(Ok(())));
+            assert_eq!(
+                machine.apply(i as u64 + 1, KvLogCommand::One(put)),
+                KvLogReply::One(KvReply::Put(Ok(())))
+            );
         }
         let snapshot = machine.snapshot();
         let mut restored = KvStateMachine::new();

@@ -183,3 +183,37 @@ fn bad_flags_are_rejected_without_a_panic() {
     assert!(stderr(&output).contains("--entries"));
     assert!(!stderr(&output).contains("panicked"));
 }
+
+#[test]
+fn batched_kv_entries_are_decoded() {
+    // An entry carrying a batch of key/value commands shows their count and the first one.
+    use raftkv::kv::{KvCommand, KvLogCommand};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let put = |key: &str| KvCommand::Put {
+        key: key.to_owned(),
+        value: Bytes::from_static(b"red"),
+        version: 0,
+    };
+    let data = KvLogCommand::Batch(vec![put("color"), put("shape")]).encode();
+    let entry = Entry {
+        index: 1,
+        term: 1,
+        kind: EntryKind::Normal,
+        data,
+    };
+    store.append(0, &[entry]).unwrap();
+    drop(store);
+    let output = inspect(&[dir.path().to_str().unwrap()]);
+    assert!(output.status.success(), "stderr: {}", stderr(&output));
+    let text = stdout(&output);
+    let expected =
+        "kv batch of 2 commands, first:  kv put \"color\" version 0 value (3 bytes) \"red\"";
+    assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    let output = inspect(&[dir.path().to_str().unwrap(), "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    let decoded = &report["raft_groups"][0]["last_entries"][0]["decoded"];
+    assert_eq!(decoded["type"], "kv_batch");
+    assert_eq!(decoded["commands"], 2);
+    assert_eq!(decoded["first"]["key"], "color");
+}
