@@ -31,7 +31,9 @@ use raftkv::kv::{
 use raftkv::net::tcp::{TcpConfig, TcpTransport};
 use raftkv::net::{Endpoint, NetError, RemoteFault};
 use raftkv::raft::Role;
-use raftkv::storage::Store;
+use raftkv::storage::{
+    KvStorage as _, RaftLogStorage as _, StateMachineId, Storage as _, Store, WriteBatch,
+};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::time::Instant;
@@ -187,15 +189,76 @@ pub fn server(args: ServerArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(serve(args))
 }
 
+/// KV namespace of a server's data directory that records which node of
+/// which cluster the directory belongs to (the replicated service keeps its
+/// own state in the Raft log and snapshots, never in KV namespaces).
+pub const NODE_IDENTITY_NAMESPACE: StateMachineId = u64::MAX;
+/// Key of the identity record.
+const NODE_IDENTITY_KEY: &str = "node";
+
+/// What a data directory records about the node it belongs to: the cluster
+/// id, the node id and the voters (addresses may change, these may not).
+fn node_identity(cluster_id: &str, id: NodeId, voters: &[NodeId]) -> String {
+    let voters: Vec<String> = voters.iter().map(NodeId::to_string).collect();
+    format!(
+        "cluster {cluster_id:?} node {id} voters {}",
+        voters.join(",")
+    )
+}
+
+/// Refuses a data directory made for another node or cluster: its votes and
+/// log belong to that identity, and running it as another one could elect
+/// two leaders in a term. A fresh directory, or one written before identity
+/// records existed, gets the record.
+fn check_identity(store: &Store, dir: &Path, identity: &str) -> anyhow::Result<()> {
+    let recorded = store
+        .kv_get(NODE_IDENTITY_NAMESPACE, NODE_IDENTITY_KEY.as_bytes())
+        .with_context(|| format!("cannot read data directory {}", dir.display()))?;
+    match recorded {
+        Some(recorded) if recorded.value == identity.as_bytes() => Ok(()),
+        Some(recorded) => bail!(
+            "data directory {} belongs to {}, not {identity}: restart it with the --id, \
+             --cluster and --cluster-id it was created with",
+            dir.display(),
+            String::from_utf8_lossy(&recorded.value)
+        ),
+        None => {
+            if store.last_index(0)? > 0 || store.hard_state(0)?.term > 0 {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    identity,
+                    "data directory without an identity record: recording this one unverified"
+                );
+            }
+            let mut batch = WriteBatch::new();
+            batch.kv_put(
+                NODE_IDENTITY_NAMESPACE,
+                NODE_IDENTITY_KEY,
+                identity.to_owned(),
+                1,
+            );
+            store
+                .commit(batch)
+                .with_context(|| format!("cannot write data directory {}", dir.display()))?;
+            Ok(())
+        }
+    }
+}
+
 async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let id = args.id;
     let addresses = check_cluster(&args.cluster, id).await?;
     let voters: Vec<NodeId> = addresses.keys().copied().collect();
     let data_dir = args.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
-        .await
-        .context("the store opening task failed")?
-        .with_context(|| format!("cannot open data directory {}", args.data_dir.display()))?;
+    let identity = node_identity(&args.cluster_id, id, &voters);
+    let store = tokio::task::spawn_blocking(move || -> anyhow::Result<Store> {
+        let store = Store::open(&data_dir)
+            .with_context(|| format!("cannot open data directory {}", data_dir.display()))?;
+        check_identity(&store, &data_dir, &identity)?;
+        Ok(store)
+    })
+    .await
+    .context("the store opening task failed")??;
     let mut tcp = TcpConfig::member(cluster_id(&args.cluster_id), id, addresses[&id]);
     for (&peer, &address) in &addresses {
         if peer != id {

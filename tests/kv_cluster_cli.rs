@@ -986,6 +986,25 @@ fn restart_of_every_node_resumes_values_and_versions() {
     );
 
     cluster.terminate_all();
+    // A directory refuses to run as another node, or in another cluster.
+    for (id, directory_of, cluster_id) in [(3, 2, "restart"), (1, 1, "other")] {
+        let mut child = Command::new(BIN)
+            .args(["server", "--id", &id.to_string(), "--cluster"])
+            .arg(cluster.cluster_flag())
+            .arg("--data-dir")
+            .arg(cluster.data_dir(directory_of))
+            .args(["--cluster-id", cluster_id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = wait_exit(&mut child, "a server on another node's directory");
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(1), "{err}");
+        let recorded = format!("belongs to cluster \"restart\" node {directory_of} voters 1,2,3");
+        assert!(err.contains(&recorded), "{err}");
+    }
     cluster.start_all();
     let (code, out) = client(&["get", "color", "--json"]);
     assert_eq!(
