@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# raftkv against etcd, side by side: alternates scripts/etcd-bench.sh and scripts/cluster-bench.sh
+# (etcd, raftkv, etcd, raftkv, ...) for R rounds and prints one table: per client count the
+# puts/s and p99 of every run, their medians, and the ratios raftkv/etcd (throughput) and
+# raftkv/etcd (p99) — the figures issue 7 sets targets on (≥ 3× at 1 client, ≥ 10× at 64,
+# p99 ≤ 1/5).
+#
+#   scripts/compare-etcd.sh [--rounds 2] [--duration 10s] [--clients "1 16 64"]
+#
+# Needs what both scripts need: target/release/raftkv (cargo build --release), etcd and etcdctl
+# (apt-get install etcd-server etcd-client), protoc for the first build of tools/etcd-bench
+# (apt-get install protobuf-compiler). Both load 1,000 keys with 128-byte durable puts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=2
+DURATION=10s
+CLIENTS="1 16 64"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --clients) CLIENTS=$2; shift 2 ;;
+    *) echo "unknown flag $1" >&2; exit 2 ;;
+  esac
+done
+OUT=$(mktemp -t compare-etcd.XXXXXX)
+trap 'rm -f "$OUT"' EXIT
+for round in $(seq 1 "$ROUNDS"); do
+  echo "round $round/$ROUNDS: etcd (load $(cut -d' ' -f1 /proc/loadavg))" >&2
+  scripts/etcd-bench.sh --duration "$DURATION" --clients "$CLIENTS" -- --json 2>/dev/null \
+    | grep '^{' | sed 's/^/etcd /' >>"$OUT"
+  echo "round $round/$ROUNDS: raftkv (load $(cut -d' ' -f1 /proc/loadavg))" >&2
+  scripts/cluster-bench.sh --duration "$DURATION" --clients "$CLIENTS" -- --keys 1000 --json \
+    2>/dev/null | grep '^{' | sed 's/^/raftkv /' >>"$OUT"
+done
+python3 - "$OUT" <<'EOF'
+import json, statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    system, text = line.split(" ", 1)
+    run = json.loads(text)
+    runs.setdefault((system, run["clients"]), []).append(run)
+print("| clients | raftkv puts/s | etcd puts/s | ratio | raftkv p99 ms | etcd p99 ms | p99 ratio | errors |")
+print("|---|---|---|---|---|---|---|---|")
+for clients in sorted({c for _, c in runs}):
+    r, e = runs.get(("raftkv", clients), []), runs.get(("etcd", clients), [])
+    if not r or not e:
+        continue
+    ops = lambda rs: [x["ops_per_sec"] for x in rs]
+    p99 = lambda rs: [x["latency_us"]["p99"] / 1000 for x in rs]
+    fmt = lambda xs, f: " / ".join(f.format(x) for x in xs)
+    ratio = statistics.median(ops(r)) / statistics.median(ops(e))
+    p99_ratio = statistics.median(p99(r)) / statistics.median(p99(e))
+    errors = sum(x["errors"] for x in r + e)
+    print(f"| {clients} | {fmt(ops(r), '{:,.0f}')} | {fmt(ops(e), '{:,.0f}')} | {ratio:.1f}× "
+          f"| {fmt(p99(r), '{:.1f}')} | {fmt(p99(e), '{:.1f}')} | {p99_ratio:.2f} | {errors} |")
+EOF
