@@ -16,7 +16,7 @@ use raftkv::raft::{
     Apply, Entry, EntryKind, Message, MessageBody, NodeConfig, NodeError, ProposeError,
     RaftEnvelope, RaftNode, ReadIndexError, Role, StopReason,
 };
-use raftkv::storage::{Limits, MemDisk, MemStore, RaftLogStorage, Store};
+use raftkv::storage::{Limits, MemDisk, MemStore, RaftLogStorage, Store, StoreConfig};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
@@ -682,8 +682,12 @@ async fn sled_cluster_commits_50_and_releases_storage(storage_thread: bool) {
         node.shutdown().await;
     }
     for dir in &dirs {
-        // Storage released: the directory reopens at once.
-        let store = Store::open(dir.path()).expect("released by shutdown");
+        // Storage released: the directory reopens at once (no waiting for the lock).
+        let config = StoreConfig {
+            lock_timeout_ms: 0,
+            ..StoreConfig::default()
+        };
+        let store = Store::open_with(dir.path(), &config).expect("released by shutdown");
         assert!(store.last_index(0).unwrap() >= 50);
     }
 }

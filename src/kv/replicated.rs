@@ -289,14 +289,18 @@ impl RaftKvServer {
         let rsm = Rsm::start(
             id,
             voters,
-            config.rsm,
+            config.rsm.clone(),
             storage,
             endpoint.clone(),
             KvStateMachine::new(),
         )?;
         let inflight = Arc::new(Semaphore::new(config.requests_inflight_max));
         let (puts, queue) = mpsc::channel(config.requests_inflight_max);
-        tokio::spawn(batch_puts(rsm.clone(), queue));
+        // A batch stays well inside the node's entry limit, whatever it is.
+        let entry_bytes_max =
+            usize::try_from(config.rsm.node.raft.entry_bytes_max / 2).unwrap_or(usize::MAX);
+        let batch_bytes_max = BATCH_BYTES_MAX.min(entry_bytes_max);
+        tokio::spawn(batch_puts(rsm.clone(), queue, batch_bytes_max));
         let handler_rsm = rsm.clone();
         let registered = endpoint.register(move |_from, command: KvCommand| {
             let rsm = handler_rsm.clone();
@@ -342,10 +346,15 @@ fn command_bytes(command: &KvCommand) -> usize {
 }
 
 /// Gathers the Puts queued at one moment (at most [`BATCH_COMMANDS_MAX`] and
-/// [`BATCH_BYTES_MAX`]) into one log entry and submits it without waiting for
-/// the batches before it, which are in flight meanwhile. A lone Put goes as
-/// [`KvLogCommand::One`]. Ends when every sender is gone.
-async fn batch_puts(rsm: Rsm<KvStateMachine>, mut queue: mpsc::Receiver<PendingPut>) {
+/// `bytes_max`, itself at most [`BATCH_BYTES_MAX`]) into one log entry and
+/// submits it without waiting for the batches before it, which are in flight
+/// meanwhile. A lone Put goes as [`KvLogCommand::One`]. Ends when every
+/// sender is gone.
+async fn batch_puts(
+    rsm: Rsm<KvStateMachine>,
+    mut queue: mpsc::Receiver<PendingPut>,
+    bytes_max: usize,
+) {
     let mut carried: Option<PendingPut> = None;
     loop {
         let first = match carried.take() {
@@ -360,7 +369,7 @@ async fn batch_puts(rsm: Rsm<KvStateMachine>, mut queue: mpsc::Receiver<PendingP
         while batch.len() < BATCH_COMMANDS_MAX {
             let Ok(next) = queue.try_recv() else { break };
             let next_bytes = command_bytes(&next.0);
-            if bytes + next_bytes > BATCH_BYTES_MAX {
+            if bytes + next_bytes > bytes_max {
                 carried = Some(next);
                 break;
             }
@@ -541,7 +550,7 @@ mod tests {
             .await
             .expect("node running");
         let (puts, queue) = mpsc::channel(64);
-        tokio::spawn(batch_puts(server.rsm().clone(), queue));
+        tokio::spawn(batch_puts(server.rsm().clone(), queue, BATCH_BYTES_MAX));
         let requests = (0..20).map(|i| serve(server.rsm(), &puts, put(&format!("k{i}"), "v", 0)));
         let mut requests: Vec<_> = requests.collect();
         // A put on k0 again, at version 1: applied after the first one.

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::Bytes;
@@ -87,7 +88,10 @@ pub(crate) struct Engine<B: Backend> {
     backend: B,
     limits: Limits,
     flush_on_commit: bool,
-    format_version: u32,
+    /// The directory's format version; raised to [`FORMAT_VERSION`] by the
+    /// first commit that writes snapshot data into a format-1 store opened
+    /// without `create` (format 2 keeps snapshot data elsewhere).
+    format_version: AtomicU32,
     /// The group cache. Commits hold the write lock while they plan and apply
     /// (not while they flush); reads hold the read lock so they never see half
     /// of a batch.
@@ -168,7 +172,7 @@ impl<B: Backend> Engine<B> {
             backend,
             limits,
             flush_on_commit,
-            format_version,
+            format_version: AtomicU32::new(format_version),
             groups: RwLock::new(groups),
             poisoned: OnceLock::new(),
         })
@@ -179,7 +183,7 @@ impl<B: Backend> Engine<B> {
     }
 
     pub(crate) fn format_version(&self) -> u32 {
-        self.format_version
+        self.format_version.load(Ordering::Acquire)
     }
 
     fn check_usable(&self) -> Result<(), StorageError> {
@@ -235,6 +239,19 @@ impl<B: Backend> Engine<B> {
                 planner.plan(&batch.ops[..position], op)?;
             }
             planner.purge(&batch.ops);
+            let upgrade = self.format_version() < FORMAT_VERSION
+                && batch
+                    .ops
+                    .iter()
+                    .any(|op| matches!(op, Op::InstallSnapshot { .. }));
+            if upgrade {
+                // Snapshot data is about to be written the format-2 way: the
+                // marker goes with it, atomically, so older builds refuse the
+                // directory instead of missing the data.
+                let mut buf = Vec::new();
+                encode_format(FORMAT_VERSION, &mut buf);
+                planner.batch.put(FORMAT_KEY, &buf);
+            }
             let Planner {
                 working,
                 batch: backend_batch,
@@ -246,6 +263,9 @@ impl<B: Backend> Engine<B> {
             }
             for (group, state) in working {
                 groups.insert(group, state);
+            }
+            if upgrade {
+                self.format_version.store(FORMAT_VERSION, Ordering::Release);
             }
         }
         if self.flush_on_commit {

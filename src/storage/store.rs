@@ -190,7 +190,9 @@ fn check_directory(path: &Path, create: bool) -> Result<(), StorageError> {
 /// it keeps for large values (`blobs/`). A flush here therefore adds what a
 /// power loss needs: every blob file written since the last flush is synced
 /// (and the blob directory with it) before sled's log records that point at
-/// them, and the log file is `fdatasync`ed after them.
+/// them, again after sled's flush (for blobs written meanwhile), and the log
+/// file is `fdatasync`ed last. Flushes run one at a time, and a failed one
+/// fails every later one (the store must be reopened).
 ///
 /// Snapshot data records (the one key per group under `TAG_SNAPSHOT_DATA`)
 /// live in a sled tree of their own ([`SNAPSHOT_TREE`]). In the default tree
@@ -212,6 +214,8 @@ pub(crate) struct SledBackend {
     blobs_dir: PathBuf,
     /// Blob files known durable.
     synced_blobs: std::sync::Mutex<std::collections::HashSet<OsString>>,
+    /// Serialises flushes; set once a flush failed (then every flush fails).
+    flush_failed: std::sync::Mutex<bool>,
 }
 
 /// sled's log file and blob directory inside a data directory.
@@ -240,6 +244,7 @@ impl SledBackend {
             log_file,
             blobs_dir: dir.join(SLED_BLOBS_DIR),
             synced_blobs: std::sync::Mutex::new(std::collections::HashSet::new()),
+            flush_failed: std::sync::Mutex::new(false),
         };
         backend.sync_new_blobs()?;
         sync_directory(dir)?;
@@ -439,10 +444,30 @@ impl Backend for SledBackend {
     }
 
     fn flush(&self) -> Result<(), StorageError> {
-        self.sync_new_blobs()?;
-        self.db.flush()?;
-        self.log_file.sync_data()?;
-        Ok(())
+        // One flush at a time, and a failed one is final: after a failed
+        // fdatasync the kernel may have dropped the dirty pages and a retry
+        // could succeed without them, so no later flush may report success.
+        let mut failed = self
+            .flush_failed
+            .lock()
+            .expect("invariant: a panic while flushing");
+        if *failed {
+            return Err(StorageError::Io(std::io::Error::other(
+                "an earlier flush failed; reopen the store",
+            )));
+        }
+        let result = (|| {
+            self.sync_new_blobs()?;
+            self.db.flush()?;
+            // Blobs sled wrote while flushing, for records the flush made stable.
+            self.sync_new_blobs()?;
+            self.log_file.sync_data()?;
+            Ok(())
+        })();
+        if result.is_err() {
+            *failed = true;
+        }
+        result
     }
 
     fn into_bytes(value: sled::IVec) -> Bytes {
@@ -474,6 +499,46 @@ mod tests {
             last_included_index: index,
             last_included_term: 1,
         }
+    }
+
+    /// A format-1 store opened without `create` (as `inspect` does) and then
+    /// written: the first snapshot written the format-2 way raises the marker
+    /// in the same batch, so older builds refuse the directory.
+    #[test]
+    fn writing_snapshot_data_upgrades_the_marker() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store.append(0, &entries(1, 10)).expect("append");
+            let backend = store.engine.backend();
+            let mut marker = Vec::new();
+            encode_format(1, &mut marker);
+            backend.db.insert(FORMAT_KEY, marker).expect("marker");
+            backend.flush().expect("flush");
+        }
+        let no_create = StoreConfig {
+            create_if_missing: false,
+            ..StoreConfig::default()
+        };
+        let store = Store::open_with(dir.path(), &no_create).expect("open");
+        assert_eq!(store.format_version(), 1);
+        store.append(0, &entries(11, 12)).expect("append");
+        assert_eq!(
+            store.format_version(),
+            1,
+            "only snapshot data needs format 2"
+        );
+        store
+            .install_snapshot(0, meta(5), Bytes::from_static(b"state"))
+            .expect("snapshot");
+        assert_eq!(store.format_version(), FORMAT_VERSION);
+        drop(store);
+        let store = Store::open_with(dir.path(), &no_create).expect("reopen");
+        assert_eq!(store.format_version(), FORMAT_VERSION);
+        assert_eq!(
+            store.snapshot(0).expect("snapshot"),
+            (meta(5), Bytes::from_static(b"state"))
+        );
     }
 
     /// Snapshot data lives in its own tree, never in the default tree next
@@ -518,6 +583,7 @@ mod tests {
             let tree = backend.snapshots.get().expect("tree");
             let value = tree.remove(key).expect("remove").expect("present");
             backend.db.insert(key, value).expect("insert");
+            backend.db.drop_tree(SNAPSHOT_TREE).expect("drop the tree");
             let mut marker = Vec::new();
             encode_format(1, &mut marker);
             backend.db.insert(FORMAT_KEY, marker).expect("marker");
@@ -530,6 +596,11 @@ mod tests {
         let store = Store::open_with(dir.path(), &read_only).expect("open read-only");
         assert_eq!(store.format_version(), 1);
         assert_eq!(store.snapshot(0).expect("snapshot"), (meta(5), old.clone()));
+        let names = store.engine.backend().db.tree_names();
+        assert!(
+            !names.iter().any(|name| name == SNAPSHOT_TREE),
+            "a read-only open creates no tree"
+        );
         drop(store);
         let store = Store::open(dir.path()).expect("open");
         assert_eq!(store.format_version(), FORMAT_VERSION);

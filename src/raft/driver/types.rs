@@ -156,7 +156,11 @@ pub struct RaftEnvelope {
 }
 
 impl crate::net::Message for RaftEnvelope {
-    const KIND: Kind = Kind::new(0x0100, 1);
+    /// Version 2: log entries of the replicated KV service may carry batches
+    /// (`kv::BATCH_FORMAT`), which a version-1 node could not decode and would
+    /// skip, so its state would diverge; nodes of the two versions refuse
+    /// each other's Raft messages instead (upgrade every node of a cluster).
+    const KIND: Kind = Kind::new(0x0100, 2);
 
     /// Responses are counted by the simulated network like replies, so the
     /// lab's RPC counts compare with the reference's call-based Raft.
