@@ -691,3 +691,117 @@ async fn sled_cluster_commits_50_and_releases_storage(storage_thread: bool) {
         assert!(store.last_index(0).unwrap() >= 50);
     }
 }
+
+/// A `MemStore` whose commits panic once armed: a storage invariant broken.
+#[derive(Clone)]
+struct PanickingStore {
+    inner: MemStore,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+const STORAGE_PANIC: &str = "storage invariant broken (test)";
+
+impl raftkv::storage::Storage for PanickingStore {
+    fn commit(
+        &self,
+        batch: raftkv::storage::WriteBatch,
+    ) -> Result<(), raftkv::storage::StorageError> {
+        if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+            panic!("{STORAGE_PANIC}");
+        }
+        self.inner.commit(batch)
+    }
+}
+
+impl RaftLogStorage for PanickingStore {
+    fn groups(&self) -> Result<Vec<u64>, raftkv::storage::StorageError> {
+        self.inner.groups()
+    }
+    fn hard_state(
+        &self,
+        group: u64,
+    ) -> Result<raftkv::raft::HardState, raftkv::storage::StorageError> {
+        self.inner.hard_state(group)
+    }
+    fn first_index(&self, group: u64) -> Result<u64, raftkv::storage::StorageError> {
+        self.inner.first_index(group)
+    }
+    fn last_index(&self, group: u64) -> Result<u64, raftkv::storage::StorageError> {
+        self.inner.last_index(group)
+    }
+    fn term(&self, group: u64, index: u64) -> Result<u64, raftkv::storage::StorageError> {
+        self.inner.term(group, index)
+    }
+    fn entries(
+        &self,
+        group: u64,
+        lo: u64,
+        hi: u64,
+        bytes_max: u64,
+    ) -> Result<Vec<Entry>, raftkv::storage::StorageError> {
+        self.inner.entries(group, lo, hi, bytes_max)
+    }
+    fn snapshot_meta(
+        &self,
+        group: u64,
+    ) -> Result<raftkv::raft::SnapshotMeta, raftkv::storage::StorageError> {
+        self.inner.snapshot_meta(group)
+    }
+    fn snapshot(
+        &self,
+        group: u64,
+    ) -> Result<(raftkv::raft::SnapshotMeta, Bytes), raftkv::storage::StorageError> {
+        self.inner.snapshot(group)
+    }
+    fn raft_state_bytes(&self, group: u64) -> Result<u64, raftkv::storage::StorageError> {
+        self.inner.raft_state_bytes(group)
+    }
+}
+
+// A panic inside a commit on the storage thread (a broken storage
+// invariant) stops the node, and `shutdown` re-raises that very panic.
+#[tokio::test]
+async fn a_storage_thread_panic_reaches_shutdown() {
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = PanickingStore {
+        inner: MemStore::open(&MemDisk::new()).unwrap(),
+        armed: armed.clone(),
+    };
+    let net = SimNetwork::new(SimConfig::new(12));
+    let config = NodeConfig {
+        storage_thread: true,
+        ..config(1)
+    };
+    let (node, _applied) =
+        RaftNode::start(1, &[1], config, store, net.add_node(1).unwrap()).unwrap();
+    let mut status = node.subscribe();
+    timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| s.role == Role::Leader),
+    )
+    .await
+    .expect("a single node leads within 10 s")
+    .unwrap();
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = node.propose(command(1)).await;
+    let stopped = timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| s.stopped.is_some()),
+    )
+    .await
+    .expect("the node stops within 10 s")
+    .unwrap()
+    .stopped
+    .clone();
+    assert_eq!(stopped, Some(StopReason::Panicked));
+    let shutdown = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(node.shutdown()));
+    let payload = shutdown
+        .await
+        .expect_err("shutdown re-raises the driver's panic");
+    let message = payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default();
+    assert_eq!(message, STORAGE_PANIC);
+}

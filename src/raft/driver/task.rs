@@ -544,10 +544,13 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
             .and_then(|thread| thread.jobs.as_ref());
         let result = if let Some(jobs) = on_thread {
             let (reply, done) = oneshot::channel();
-            jobs.send((batch, reply))
-                .expect("invariant: the storage thread lives as long as the driver");
-            done.await
-                .expect("invariant: the storage thread answers every commit")
+            // The thread ends only by panicking inside a commit: then the
+            // send or the answer fails, and its panic is raised here as is.
+            let sent = jobs.send((batch, reply));
+            match (sent, done.await) {
+                (Ok(()), Ok(result)) => result,
+                _ => self.raise_storage_thread_panic(),
+            }
         } else if self.block_in_place {
             tokio::task::block_in_place(|| self.storage.commit(batch))
         } else {
@@ -564,6 +567,20 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
             );
         }
         result
+    }
+
+    /// Joins the storage thread, which has died, and re-raises its panic
+    /// (a storage invariant broke) on the driver task.
+    fn raise_storage_thread_panic(&mut self) -> ! {
+        let thread = self
+            .storage_thread
+            .as_mut()
+            .and_then(|storage| storage.thread.take())
+            .expect("invariant: only a driver with a storage thread commits on it");
+        match thread.join() {
+            Err(payload) => std::panic::resume_unwind(payload),
+            Ok(()) => panic!("invariant: the storage thread ended without answering a commit"),
+        }
     }
 
     fn send(&mut self, message: crate::raft::Message) {
