@@ -107,6 +107,16 @@ fn not_raftkv(path: &Path, reason: &str) -> StorageError {
     }
 }
 
+/// Writes and flushes the marker of [`FORMAT_VERSION`].
+fn write_format_marker<B: Backend>(backend: &B) -> Result<(), StorageError> {
+    let mut buf = Vec::new();
+    encode_format(FORMAT_VERSION, &mut buf);
+    let mut batch = backend.new_batch();
+    batch.put(FORMAT_KEY, &buf);
+    backend.apply(batch)?;
+    backend.flush()
+}
+
 /// End of the key range of a prefix; every prefix we scan starts with a tag
 /// below 0xff, so it exists.
 fn end_of(prefix: &[u8]) -> Vec<u8> {
@@ -136,12 +146,7 @@ impl<B: Backend> Engine<B> {
                 Some(found) if found < FORMAT_VERSION && create => {
                     // Format 2 only moved where sled keeps snapshot data (read
                     // from either place), so the marker is the whole upgrade.
-                    let mut buf = Vec::new();
-                    encode_format(FORMAT_VERSION, &mut buf);
-                    let mut batch = backend.new_batch();
-                    batch.put(FORMAT_KEY, &buf);
-                    backend.apply(batch)?;
-                    backend.flush()?;
+                    write_format_marker(&backend)?;
                     tracing::info!(path = %path.display(), from = found, to = FORMAT_VERSION, "upgraded a raftkv store");
                     FORMAT_VERSION
                 }
@@ -157,12 +162,7 @@ impl<B: Backend> Engine<B> {
                 return Err(not_raftkv(path, "the database is empty (no format marker)"));
             }
             None => {
-                let mut buf = Vec::new();
-                encode_format(FORMAT_VERSION, &mut buf);
-                let mut batch = backend.new_batch();
-                batch.put(FORMAT_KEY, &buf);
-                backend.apply(batch)?;
-                backend.flush()?;
+                write_format_marker(&backend)?;
                 tracing::info!(path = %path.display(), version = FORMAT_VERSION, "created a raftkv store");
                 FORMAT_VERSION
             }
