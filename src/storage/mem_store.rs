@@ -228,11 +228,6 @@ type RecordIter<'a> = Box<dyn Iterator<Item = (&'a DiskKey, &'a Bytes)> + 'a>;
 /// The log entries of a scan, in its order.
 type LogIter<'a> = Box<dyn Iterator<Item = (&'a LogKey, &'a Bytes)> + 'a>;
 
-/// The 17-byte key of a log entry.
-fn log_key_bytes(&(group, index): &LogKey) -> [u8; LOG_KEY_BYTES] {
-    entry_key(group, index)
-}
-
 /// Writes in order; applied one after another under the disk lock. The
 /// values of small writes are copied into one buffer per batch (one
 /// allocation, shared by the records it holds); a large value gets its own.
@@ -302,12 +297,14 @@ impl Backend for MemBackend {
         let mut next_record = records.next();
         let mut next_entry = log.next();
         loop {
-            let entry_key = next_entry.map(|(at, _)| log_key_bytes(at));
-            let take_record = match (next_record, &entry_key) {
+            let next_log_key = next_entry.map(|(&(group, index), _)| entry_key(group, index));
+            let take_record = match (next_record, &next_log_key) {
                 (None, None) => return Ok(()),
                 (Some(_), None) => true,
                 (None, Some(_)) => false,
-                (Some((key, _)), Some(entry_key)) => (key.as_slice() < &entry_key[..]) != reverse,
+                (Some((key, _)), Some(next_log_key)) => {
+                    (key.as_slice() < &next_log_key[..]) != reverse
+                }
             };
             let go_on = if take_record {
                 let (key, value) = next_record.expect("a record was chosen");
@@ -316,7 +313,7 @@ impl Backend for MemBackend {
             } else {
                 let (_, value) = next_entry.expect("an entry was chosen");
                 next_entry = log.next();
-                visit(&entry_key.expect("an entry was chosen"), value.clone())?
+                visit(&next_log_key.expect("an entry was chosen"), value.clone())?
             };
             if !go_on {
                 return Ok(());
