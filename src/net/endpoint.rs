@@ -34,6 +34,37 @@ pub trait Message: Serialize + DeserializeOwned + Send + 'static {
     fn role(&self) -> MessageRole {
         MessageRole::Request
     }
+
+    /// About how many bytes the encoded message takes: the encoder reserves
+    /// that much up front instead of growing its buffer step by step. A hint
+    /// only; 0 (the default) starts small.
+    fn encoded_bytes_hint(&self) -> usize {
+        0
+    }
+}
+
+/// Bytes the encoder reserves at most from a hint.
+const ENCODE_RESERVE_BYTES_MAX: usize = 1 << 20;
+
+/// postcard output into a `Vec` reserved up front.
+struct ReservedVec(Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for ReservedVec {
+    type Output = Vec<u8>;
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<Vec<u8>> {
+        Ok(self.0)
+    }
 }
 
 /// Default inbox capacity, in messages, for callers without a better bound.
@@ -60,6 +91,20 @@ fn encode<T: Serialize>(kind: Kind, value: &T) -> Result<Bytes, NetError> {
         .map(Bytes::from)
         .map_err(|error| NetError::Encode {
             kind,
+            message: error.to_string(),
+        })
+}
+
+/// Encodes a message with postcard into a buffer reserved from its hint.
+fn encode_message<M: Message>(message: &M) -> Result<Bytes, NetError> {
+    let reserve = message.encoded_bytes_hint().min(ENCODE_RESERVE_BYTES_MAX);
+    if reserve == 0 {
+        return encode(M::KIND, message);
+    }
+    postcard::serialize_with_flavor(message, ReservedVec(Vec::with_capacity(reserve)))
+        .map(Bytes::from)
+        .map_err(|error| NetError::Encode {
+            kind: M::KIND,
             message: error.to_string(),
         })
 }
@@ -124,7 +169,7 @@ impl Endpoint {
     /// Sends a one-way message to `to`. `Ok(())` means accepted for
     /// transmission, not delivered; messages to one peer arrive in order.
     pub fn send<M: Message>(&self, to: NodeId, message: &M) -> Result<(), NetError> {
-        let payload = encode(M::KIND, message)?;
+        let payload = encode_message(message)?;
         self.transport.send(to, M::KIND, payload, message.role())
     }
 
@@ -217,6 +262,45 @@ impl<M: Message> Inbox<M> {
             if let Some(message) = Self::decode(from, &payload) {
                 return Some((from, message));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Sized {
+        items: Vec<Bytes>,
+        hint: usize,
+    }
+
+    impl Message for Sized {
+        const KIND: Kind = Kind::new(0xfff0, 1);
+
+        fn encoded_bytes_hint(&self) -> usize {
+            self.hint
+        }
+    }
+
+    /// A hint changes only the buffer's reservation, never the encoding:
+    /// too small, exact, too large and absurd hints give postcard's bytes.
+    #[test]
+    fn the_size_hint_does_not_change_the_encoding() {
+        for hint in [0, 1, 40, 5_000, usize::MAX] {
+            let message = Sized {
+                items: (0..20u8).map(|i| Bytes::from(vec![i; 100])).collect(),
+                hint,
+            };
+            let encoded = encode_message(&message).expect("encodes");
+            assert_eq!(
+                encoded.as_ref(),
+                postcard::to_allocvec(&message).expect("encodes").as_slice()
+            );
+            let decoded: Sized = postcard::from_bytes(&encoded).expect("decodes");
+            assert_eq!(decoded, message);
         }
     }
 }

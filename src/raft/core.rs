@@ -1159,7 +1159,8 @@ impl RaftCore {
     /// §5.3/§5.4.2: commit the highest index stored on a quorum, but only
     /// if it belongs to the current term (earlier terms commit with it).
     fn maybe_commit(&mut self) -> bool {
-        let mut matches: Vec<u64> = self.progress.values().map(|p| p.match_index).collect();
+        let mut matches: smallvec::SmallVec<[u64; 8]> =
+            self.progress.values().map(|p| p.match_index).collect();
         matches.push(self.log.persisted_last());
         matches.sort_unstable_by(|a, b| b.cmp(a));
         let candidate = matches[self.quorum() - 1];

@@ -12,6 +12,10 @@ use bytes::Bytes;
 
 use super::types::{Entry, Snapshot, SnapshotMeta};
 
+/// Most entries a returned `Vec` reserves room for up front; longer runs
+/// (bounded by bytes, not count) grow as usual.
+const ENTRIES_RESERVE_MAX: usize = 1024;
+
 /// Result of offering a leader's entries to a follower's log.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum AppendCheck {
@@ -122,9 +126,10 @@ impl RaftLog {
             low > self.offset(),
             "entries_from({low}) below the snapshot"
         );
-        let mut out = Vec::new();
-        let mut bytes = 0u64;
         let start = (low - self.offset() - 1) as usize;
+        let available = self.entries.len().saturating_sub(start);
+        let mut out = Vec::with_capacity(available.min(count_max).clamp(1, ENTRIES_RESERVE_MAX));
+        let mut bytes = 0u64;
         for entry in self.entries.range(start.min(self.entries.len())..) {
             let size = entry.data.len() as u64;
             if !out.is_empty() && (out.len() >= count_max || bytes + size > bytes_max) {
@@ -351,7 +356,8 @@ impl RaftLog {
     /// Hands out what the service must apply: (snapshot, committed entries).
     pub(crate) fn take_unapplied(&mut self, bytes_max: u64) -> (Option<Snapshot>, Vec<Entry>) {
         let snapshot = std::mem::take(&mut self.snapshot_unapplied).then(|| self.snapshot.clone());
-        let mut out = Vec::new();
+        let unapplied = usize::try_from(self.committed - self.applied).unwrap_or(usize::MAX);
+        let mut out = Vec::with_capacity(unapplied.min(ENTRIES_RESERVE_MAX));
         let mut bytes = 0u64;
         while self.applied < self.committed {
             let entry = self

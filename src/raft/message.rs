@@ -152,4 +152,19 @@ impl Message {
             MessageBody::Append { .. } | MessageBody::Heartbeat { .. }
         )
     }
+
+    /// About how many bytes the message takes encoded (an estimate from
+    /// above for the fixed fields; exact sizing is not needed).
+    pub(crate) fn encoded_bytes_hint(&self) -> usize {
+        /// Fixed fields of a message, and of an entry, varint-encoded at most.
+        const HEADER_BYTES: usize = 64;
+        const ENTRY_HEADER_BYTES: usize = 24;
+        match &self.body {
+            MessageBody::Append { entries, .. } => entries.iter().fold(HEADER_BYTES, |bytes, e| {
+                bytes + ENTRY_HEADER_BYTES + e.data.len()
+            }),
+            MessageBody::InstallSnapshot { data, .. } => HEADER_BYTES + data.len(),
+            _ => HEADER_BYTES,
+        }
+    }
 }

@@ -55,6 +55,11 @@ pub(crate) trait Backend: Send + Sync + 'static {
 pub(crate) trait BackendBatch {
     fn put(&mut self, key: &[u8], value: &[u8]);
     fn delete(&mut self, key: &[u8]);
+    /// A hint: about `writes` more puts and deletes with `bytes` of values
+    /// follow.
+    fn reserve(&mut self, writes: usize, bytes: usize) {
+        let _ = (writes, bytes);
+    }
 }
 
 /// What the engine remembers about a Raft group between calls (mirrors its
@@ -82,6 +87,10 @@ pub(crate) struct GroupState {
 /// that appends many entries deletes up to twice as many, so purging always
 /// outpaces appending.
 pub(crate) const PURGE_ENTRIES_PER_COMMIT_MIN: u64 = 64;
+
+/// Bytes a log entry's value takes beyond its data (header and checksum).
+const ENTRY_RECORD_OVERHEAD_BYTES: usize =
+    super::format::ENTRY_HEADER_BYTES + super::format::CRC_BYTES;
 
 /// The storage engine over one backend.
 pub(crate) struct Engine<B: Backend> {
@@ -235,6 +244,21 @@ impl<B: Backend> Engine<B> {
                 scratch: Vec::new(),
                 batch_bytes: 0,
             };
+            let (writes, bytes) = batch
+                .ops
+                .iter()
+                .fold((0, 0), |(writes, bytes), op| match op {
+                    Op::Append { entries, .. } => (
+                        writes + entries.len(),
+                        bytes
+                            + entries
+                                .iter()
+                                .map(|entry| ENTRY_RECORD_OVERHEAD_BYTES + entry.data.len())
+                                .sum::<usize>(),
+                    ),
+                    _ => (writes + 1, bytes),
+                });
+            planner.batch.reserve(writes, bytes);
             for (position, op) in batch.ops.iter().enumerate() {
                 planner.plan(&batch.ops[..position], op)?;
             }
@@ -777,6 +801,10 @@ impl<B: Backend> Planner<'_, B> {
     }
 
     fn delete_entries(&mut self, group: GroupId, from: u64, through: u64) {
+        if from <= through {
+            let count = usize::try_from(through - from + 1).unwrap_or(usize::MAX);
+            self.batch.reserve(count, 0);
+        }
         for index in from..=through {
             self.batch.delete(&entry_key(group, index));
         }

@@ -10,6 +10,7 @@ use smallvec::SmallVec;
 
 use super::engine::{Backend, BackendBatch, Engine};
 use super::format::{TAG_ENTRY, be_u64, entry_key};
+use super::mem_log::{LogKey, MemLog};
 use super::{Limits, StorageError};
 
 /// The durable image of a simulated node's disk: what survives its crashes.
@@ -31,18 +32,18 @@ pub struct MemDisk {
 /// A record's key; log-entry and hard-state keys (≤ 17 bytes) stay inline.
 type DiskKey = SmallVec<[u8; 24]>;
 
-/// A log entry's key, `(group, index)`: the 17-byte entry key in numeric form
-/// (big-endian bytes order like the tuple).
-type LogKey = (u64, u64);
-
 #[derive(Default)]
 struct DiskImage {
-    /// Every record but the log entries.
+    /// Every record but the log entries in `log`.
     records: BTreeMap<DiskKey, Bytes>,
-    /// The log entries (`TAG_ENTRY` keys), by `(group, index)`: most writes
-    /// are entries, and integer keys compare far faster than byte strings.
-    /// Reads see one ordered key space: scans merge both maps.
-    log: BTreeMap<LogKey, Bytes>,
+    /// The log entries (`TAG_ENTRY` keys), by `(group, index)`, in one window
+    /// per group: most writes are entries, appended at a group's end and
+    /// purged from its start. An entry the window refuses (far from the
+    /// others) is kept in `records` under its key instead. Reads see one
+    /// ordered key space: scans merge both.
+    log: MemLog,
+    /// How many log entries `records` holds.
+    log_in_records: usize,
     /// Whether a live `MemStore` uses this disk (sled's directory lock).
     open: bool,
 }
@@ -68,11 +69,13 @@ impl MemDisk {
     pub fn fork(&self) -> MemDisk {
         let image = self.lock();
         let (records, log) = (image.records.clone(), image.log.clone());
+        let log_in_records = image.log_in_records;
         drop(image);
         MemDisk {
             image: Arc::new(Mutex::new(DiskImage {
                 records,
                 log,
+                log_in_records,
                 open: false,
             })),
         }
@@ -208,25 +211,24 @@ fn log_lower_bound(bound: &[u8]) -> Option<LogKey> {
 
 /// The log entries whose keys lie in `lo..hi`.
 fn log_range<'a>(
-    log: &'a BTreeMap<LogKey, Bytes>,
+    log: &'a MemLog,
     lo: &[u8],
     hi: &[u8],
-) -> Box<dyn DoubleEndedIterator<Item = (&'a LogKey, &'a Bytes)> + 'a> {
+) -> Box<dyn DoubleEndedIterator<Item = (LogKey, &'a Bytes)> + 'a> {
     let Some(start) = log_lower_bound(lo) else {
         return Box::new(std::iter::empty());
     };
     let end = log_lower_bound(hi);
     match end {
         Some(end) if end <= start => Box::new(std::iter::empty()),
-        Some(end) => Box::new(log.range(start..end)),
-        None => Box::new(log.range(start..)),
+        end => Box::new(log.range(start, end)),
     }
 }
 
 /// The other records of a scan, in its order.
 type RecordIter<'a> = Box<dyn Iterator<Item = (&'a DiskKey, &'a Bytes)> + 'a>;
 /// The log entries of a scan, in its order.
-type LogIter<'a> = Box<dyn Iterator<Item = (&'a LogKey, &'a Bytes)> + 'a>;
+type LogIter<'a> = Box<dyn Iterator<Item = (LogKey, &'a Bytes)> + 'a>;
 
 /// Writes in order; applied one after another under the disk lock. The
 /// values of small writes are copied into one buffer per batch (one
@@ -261,6 +263,14 @@ impl BackendBatch for MemBatch {
     fn delete(&mut self, key: &[u8]) {
         self.writes.push((DiskKey::from_slice(key), None));
     }
+
+    fn reserve(&mut self, writes: usize, bytes: usize) {
+        self.writes.reserve(writes);
+        // Large values do not go to the arena: never reserve more than the
+        // arena could take.
+        self.arena
+            .reserve(bytes.min(writes.saturating_mul(ARENA_VALUE_BYTES_MAX)));
+    }
 }
 
 impl Backend for MemBackend {
@@ -274,7 +284,11 @@ impl Backend for MemBackend {
     fn get(&self, key: &[u8]) -> Result<Option<Bytes>, StorageError> {
         let image = self.disk.lock();
         Ok(match log_key(key) {
-            Some(at) => image.log.get(&at).cloned(),
+            Some(at) => match image.log.get(at) {
+                Some(value) => Some(value.clone()),
+                None if image.log_in_records > 0 => image.records.get(key).cloned(),
+                None => None,
+            },
             None => image.records.get(key).cloned(),
         })
     }
@@ -297,7 +311,7 @@ impl Backend for MemBackend {
         let mut next_record = records.next();
         let mut next_entry = log.next();
         loop {
-            let next_log_key = next_entry.map(|(&(group, index), _)| entry_key(group, index));
+            let next_log_key = next_entry.map(|((group, index), _)| entry_key(group, index));
             let take_record = match (next_record, &next_log_key) {
                 (None, None) => return Ok(()),
                 (Some(_), None) => true,
@@ -328,18 +342,30 @@ impl Backend for MemBackend {
 
     fn apply(&self, batch: MemBatch) -> Result<(), StorageError> {
         let arena = Bytes::from(batch.arena);
-        let mut image = self.disk.lock();
+        let mut guard = self.disk.lock();
+        let image = &mut *guard;
         for (key, value) in batch.writes {
             let value = value.map(|value| match value {
                 BatchValue::Arena(range) => arena.slice(range),
                 BatchValue::Own(value) => value,
             });
             match (log_key(&key), value) {
-                (Some(at), Some(value)) => {
-                    image.log.insert(at, value);
-                }
+                (Some(at), Some(value)) => match image.log.try_insert(at, value) {
+                    Ok(()) => {
+                        if image.log_in_records > 0 && image.records.remove(&key).is_some() {
+                            image.log_in_records -= 1;
+                        }
+                    }
+                    Err(value) => {
+                        if image.records.insert(key, value).is_none() {
+                            image.log_in_records += 1;
+                        }
+                    }
+                },
                 (Some(at), None) => {
-                    image.log.remove(&at);
+                    if !image.log.remove(at) && image.records.remove(&key).is_some() {
+                        image.log_in_records -= 1;
+                    }
                 }
                 (None, Some(value)) => {
                     image.records.insert(key, value);
@@ -430,5 +456,61 @@ mod tests {
         backend.apply(batch).expect("apply");
         assert_eq!(backend.get(&entry_key(1, 1)).expect("get"), None);
         assert_eq!(disk.fork().size_bytes(), disk.size_bytes());
+    }
+
+    /// An entry far from its group's window lives among the other records
+    /// until the window reaches it; reads, scans, deletes and forks see one
+    /// key space throughout.
+    #[test]
+    fn entries_far_from_the_window_are_kept_with_the_records() {
+        let disk = MemDisk::new();
+        let backend = MemBackend { disk: disk.clone() };
+        let write = |puts: &[u64], deletes: &[u64]| {
+            let mut batch = backend.new_batch();
+            for &index in puts {
+                batch.put(&entry_key(1, index), &index.to_be_bytes());
+            }
+            for &index in deletes {
+                batch.delete(&entry_key(1, index));
+            }
+            backend.apply(batch).expect("apply");
+        };
+        let indexes = || {
+            let mut seen = Vec::new();
+            backend
+                .scan(&[0], &[0xff], false, |key, value| {
+                    let index = be_u64(key, 9);
+                    assert_eq!(value.as_ref(), &index.to_be_bytes());
+                    seen.push(index);
+                    Ok(true)
+                })
+                .expect("scan");
+            seen
+        };
+        write(&[1, 2, 1000], &[]);
+        assert_eq!(disk.lock().log_in_records, 1);
+        assert_eq!(indexes(), vec![1, 2, 1000]);
+        assert_eq!(
+            backend.get(&entry_key(1, 1000)).expect("get").as_deref(),
+            Some(&1000u64.to_be_bytes()[..])
+        );
+        let forked = disk.fork();
+        assert_eq!(forked.size_bytes(), disk.size_bytes());
+        // The window grows up to the far entry, which moves into it.
+        let filling: Vec<u64> = (3..=1000).collect();
+        write(&filling, &[]);
+        assert_eq!(disk.lock().log_in_records, 0);
+        assert_eq!(indexes(), (1..=1000).collect::<Vec<u64>>());
+        // A far entry deleted from the records.
+        write(&[5000], &[]);
+        assert_eq!(disk.lock().log_in_records, 1);
+        write(&[], &[5000, 1]);
+        assert_eq!(disk.lock().log_in_records, 0);
+        assert_eq!(backend.get(&entry_key(1, 5000)).expect("get"), None);
+        assert_eq!(indexes(), (2..=1000).collect::<Vec<u64>>());
+        // The fork kept its own copy.
+        let forked = MemBackend { disk: forked };
+        assert!(forked.get(&entry_key(1, 1000)).expect("get").is_some());
+        assert!(forked.get(&entry_key(1, 999)).expect("get").is_none());
     }
 }

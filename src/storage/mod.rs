@@ -18,6 +18,7 @@ mod config;
 mod engine;
 mod error;
 mod format;
+mod mem_log;
 mod mem_store;
 mod store;
 mod traits;

@@ -162,6 +162,10 @@ impl crate::net::Message for RaftEnvelope {
     /// each other's Raft messages instead (upgrade every node of a cluster).
     const KIND: Kind = Kind::new(0x0100, 2);
 
+    fn encoded_bytes_hint(&self) -> usize {
+        self.message.encoded_bytes_hint()
+    }
+
     /// Responses are counted by the simulated network like replies, so the
     /// lab's RPC counts compare with the reference's call-based Raft.
     fn role(&self) -> MessageRole {
