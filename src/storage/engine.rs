@@ -244,20 +244,28 @@ impl<B: Backend> Engine<B> {
                 scratch: Vec::new(),
                 batch_bytes: 0,
             };
-            let (writes, bytes) = batch
+            let (appended, bytes) = batch
                 .ops
                 .iter()
-                .fold((0, 0), |(writes, bytes), op| match op {
+                .fold((0, 0), |(count, bytes), op| match op {
                     Op::Append { entries, .. } => (
-                        writes + entries.len(),
+                        count + entries.len(),
                         bytes
                             + entries
                                 .iter()
                                 .map(|entry| ENTRY_RECORD_OVERHEAD_BYTES + entry.data.len())
                                 .sum::<usize>(),
                     ),
-                    _ => (writes + 1, bytes),
+                    _ => (count, bytes),
                 });
+            // Deletes of stale entries (see `purge`) come on top, when due.
+            let purging = groups.values().any(|s| s.purged_through < s.base_index);
+            let purges = if purging {
+                (PURGE_ENTRIES_PER_COMMIT_MIN as usize).max(2 * appended)
+            } else {
+                0
+            };
+            let writes = batch.ops.len() + appended + purges;
             planner.batch.reserve(writes, bytes);
             for (position, op) in batch.ops.iter().enumerate() {
                 planner.plan(&batch.ops[..position], op)?;
@@ -801,10 +809,6 @@ impl<B: Backend> Planner<'_, B> {
     }
 
     fn delete_entries(&mut self, group: GroupId, from: u64, through: u64) {
-        if from <= through {
-            let count = usize::try_from(through - from + 1).unwrap_or(usize::MAX);
-            self.batch.reserve(count, 0);
-        }
         for index in from..=through {
             self.batch.delete(&entry_key(group, index));
         }

@@ -271,7 +271,6 @@ impl Shared {
         payload: Bytes,
         role: MessageRole,
     ) -> SendAction {
-        let now = Instant::now();
         let mut guard = self.lock();
         let state = &mut *guard;
         if role == MessageRole::Request {
@@ -313,6 +312,13 @@ impl Shared {
             return SendAction::DeliverAfter { target, delay };
         }
         let key = (from, to);
+        if delay.is_zero() && !state.links.contains_key(&key) {
+            // Nothing queued on the link: due now, and nothing to overtake.
+            state.count_message(to, role, payload.len());
+            self.record(state, from, to, kind, SimOutcome::MessageDelivered);
+            return SendAction::DeliverNow(target);
+        }
+        let now = Instant::now();
         let link = state.links.entry(key).or_insert_with(|| LinkQueue {
             queue: VecDeque::new(),
             last_deliver_at: now,
