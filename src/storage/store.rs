@@ -212,8 +212,8 @@ pub(crate) struct SledBackend {
     log_file: std::fs::File,
     /// sled's directory of large values.
     blobs_dir: PathBuf,
-    /// Blob files known durable.
-    synced_blobs: std::sync::Mutex<std::collections::HashSet<OsString>>,
+    /// Blob files known durable, and how to learn of new ones.
+    blobs: std::sync::Mutex<BlobTracker>,
     /// Serialises flushes; set once a flush failed (then every flush fails).
     flush_failed: std::sync::Mutex<bool>,
 }
@@ -242,10 +242,12 @@ impl SledBackend {
             db,
             snapshots,
             log_file,
+            blobs: std::sync::Mutex::new(BlobTracker::start(&dir.join(SLED_BLOBS_DIR))),
             blobs_dir: dir.join(SLED_BLOBS_DIR),
-            synced_blobs: std::sync::Mutex::new(std::collections::HashSet::new()),
             flush_failed: std::sync::Mutex::new(false),
         };
+        // The tracker lists the directory first: what was there before its
+        // watch started is synced here.
         backend.sync_new_blobs()?;
         sync_directory(dir)?;
         Ok(backend)
@@ -294,13 +296,28 @@ impl SledBackend {
     }
 
     /// Syncs every blob file not yet known durable, then the blob directory
-    /// when there was one. A directory listing costs microseconds against the
-    /// log flush that follows.
+    /// when there was one. With a watch, the files sled finished writing since
+    /// the last call are known without listing the directory (a listing costs
+    /// a few system calls per flush); without one, or when the watch lost
+    /// events, the directory is listed.
     fn sync_new_blobs(&self) -> Result<(), StorageError> {
-        let mut synced = self
-            .synced_blobs
+        let mut guard = self
+            .blobs
             .lock()
-            .expect("invariant: a panic while holding the synced-blob set");
+            .expect("invariant: a panic while holding the blob tracker");
+        let tracker = &mut *guard;
+        if !tracker.list_next {
+            match tracker.sync_watched(&self.blobs_dir)? {
+                Watched::Synced { new } => {
+                    if new {
+                        sync_directory(&self.blobs_dir)?;
+                    }
+                    return Ok(());
+                }
+                Watched::Lost => tracker.list_next = true,
+            }
+        }
+        let synced = &mut tracker.synced;
         let listing = match std::fs::read_dir(&self.blobs_dir) {
             Ok(listing) => listing,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -312,11 +329,8 @@ impl SledBackend {
             let item = item?;
             let name = item.file_name();
             if !synced.contains(&name) {
-                match std::fs::File::open(item.path()) {
-                    Ok(file) => file.sync_all()?,
-                    // sled removed it meanwhile (garbage collection).
-                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(error) => return Err(error.into()),
+                if !sync_file(&item.path())? {
+                    continue;
                 }
                 new = true;
             }
@@ -326,7 +340,137 @@ impl SledBackend {
             sync_directory(&self.blobs_dir)?;
         }
         *synced = present;
+        // Listed: events queued from now on are complete again.
+        tracker.list_next = tracker.watch.is_none();
         Ok(())
+    }
+}
+
+/// `fsync` of a file; false when it no longer exists (sled removed it).
+fn sync_file(path: &Path) -> Result<bool, StorageError> {
+    match std::fs::File::open(path) {
+        Ok(file) => {
+            file.sync_all()?;
+            Ok(true)
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// The blob files known synced, and (on Linux) an inotify watch on the blob
+/// directory. sled writes a blob file whole and closes it before the log
+/// record pointing at it can be written, so a "closed after writing" event
+/// names every blob a later log flush may make reachable.
+struct BlobTracker {
+    #[cfg(target_os = "linux")]
+    watch: Option<inotify::Inotify>,
+    #[cfg(not(target_os = "linux"))]
+    watch: Option<()>,
+    /// List the directory at the next sync: there is no watch, the watch
+    /// lost events, or nothing was listed yet.
+    list_next: bool,
+    /// Blob files known durable (mirrors the directory: deletions remove).
+    synced: std::collections::HashSet<OsString>,
+}
+
+/// What one pass over the watch's events did.
+enum Watched {
+    /// The events were complete; `new`: some file was synced.
+    Synced { new: bool },
+    /// Events were lost (queue overflow) or the watch ended: list instead.
+    Lost,
+}
+
+impl BlobTracker {
+    #[cfg(target_os = "linux")]
+    fn start(dir: &Path) -> BlobTracker {
+        use inotify::{Inotify, WatchMask};
+        let watch = Inotify::init().and_then(|watch| {
+            watch.watches().add(
+                dir,
+                WatchMask::CLOSE_WRITE
+                    | WatchMask::MOVED_TO
+                    | WatchMask::DELETE
+                    | WatchMask::MOVED_FROM
+                    | WatchMask::ONLYDIR,
+            )?;
+            Ok(watch)
+        });
+        let watch = match watch {
+            Ok(watch) => Some(watch),
+            Err(error) => {
+                // A missing directory, or the inotify limits: list instead.
+                tracing::debug!(dir = %dir.display(), %error, "no watch on the blob directory; flushes list it");
+                None
+            }
+        };
+        BlobTracker {
+            watch,
+            list_next: true,
+            synced: std::collections::HashSet::new(),
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn start(_dir: &Path) -> BlobTracker {
+        BlobTracker {
+            watch: None,
+            list_next: true,
+            synced: std::collections::HashSet::new(),
+        }
+    }
+
+    /// Syncs the files the watch saw written, in event order.
+    #[cfg(target_os = "linux")]
+    fn sync_watched(&mut self, dir: &Path) -> Result<Watched, StorageError> {
+        use inotify::EventMask;
+        let Some(watch) = self.watch.as_mut() else {
+            return Ok(Watched::Lost);
+        };
+        let mut buffer = [0u8; 4096];
+        let mut new = false;
+        loop {
+            let events = match watch.read_events(&mut buffer) {
+                Ok(events) => events,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(error.into()),
+            };
+            for event in events {
+                if event
+                    .mask
+                    .intersects(EventMask::Q_OVERFLOW | EventMask::IGNORED)
+                {
+                    if event.mask.contains(EventMask::IGNORED) {
+                        // The directory is gone: no more events will come.
+                        self.watch = None;
+                    }
+                    return Ok(Watched::Lost);
+                }
+                let Some(name) = event.name else { continue };
+                if event
+                    .mask
+                    .intersects(EventMask::CLOSE_WRITE | EventMask::MOVED_TO)
+                {
+                    if sync_file(&dir.join(name))? {
+                        new = true;
+                        self.synced.insert(name.to_os_string());
+                    }
+                } else if event
+                    .mask
+                    .intersects(EventMask::DELETE | EventMask::MOVED_FROM)
+                {
+                    self.synced.remove(name);
+                }
+            }
+        }
+        Ok(Watched::Synced { new })
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn sync_watched(&mut self, _dir: &Path) -> Result<Watched, StorageError> {
+        Ok(Watched::Lost)
     }
 }
 
@@ -637,7 +781,14 @@ mod tests {
             !on_disk.is_empty(),
             "a 1 MiB value is expected in a blob file"
         );
-        let synced = backend.synced_blobs.lock().expect("lock").clone();
+        let tracker = backend.blobs.lock().expect("lock");
+        #[cfg(target_os = "linux")]
+        assert!(
+            tracker.watch.is_some() && !tracker.list_next,
+            "the flush learnt of the blob from the watch"
+        );
+        let synced = tracker.synced.clone();
+        drop(tracker);
         assert!(
             on_disk.is_subset(&synced),
             "unsynced blobs: {:?}",
@@ -647,5 +798,44 @@ mod tests {
         let store = Store::open(dir.path()).expect("reopen");
         let value = store.kv_get(0, b"big").expect("get").expect("present");
         assert_eq!(value.value.as_ref(), &large[..]);
+    }
+
+    /// When the watch lost events (or there is none), the next flush lists
+    /// the blob directory instead, then goes back to the watch.
+    #[test]
+    fn a_flush_after_lost_events_lists_the_blobs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let backend = store.engine.backend();
+        let on_disk = || -> std::collections::HashSet<OsString> {
+            std::fs::read_dir(&backend.blobs_dir)
+                .expect("blob directory")
+                .map(|item| item.expect("listing").file_name())
+                .collect()
+        };
+        for (round, lose_events) in [(1u64, true), (2, false), (3, true)] {
+            if lose_events {
+                let mut tracker = backend.blobs.lock().expect("lock");
+                tracker.list_next = true;
+                #[cfg(target_os = "linux")]
+                {
+                    // Events of blobs written meanwhile are dropped, too.
+                    tracker.watch = None;
+                }
+            }
+            let mut batch = WriteBatch::new();
+            batch
+                .kv_put(0, format!("big{round}"), vec![round as u8; 1 << 20], round)
+                .set_applied_index(0, round);
+            store.commit(batch).expect("commit");
+            let on_disk = on_disk();
+            assert!(on_disk.len() as u64 >= round, "round {round}: {on_disk:?}");
+            let tracker = backend.blobs.lock().expect("lock");
+            assert!(
+                on_disk.is_subset(&tracker.synced),
+                "round {round}: unsynced blobs {:?}",
+                on_disk.difference(&tracker.synced).collect::<Vec<_>>()
+            );
+        }
     }
 }
