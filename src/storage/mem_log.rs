@@ -37,6 +37,10 @@ impl Window {
     fn trim(&mut self) {
         while matches!(self.slots.front(), Some(None)) {
             self.slots.pop_front();
+            if self.slots.is_empty() {
+                break;
+            }
+            // A slot remains at `first + 1`, so this cannot overflow.
             self.first += 1;
         }
         while matches!(self.slots.back(), Some(None)) {

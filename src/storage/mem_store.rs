@@ -247,6 +247,8 @@ enum BatchValue {
 
 /// Values at most this long share their batch's buffer.
 const ARENA_VALUE_BYTES_MAX: usize = 1024;
+/// Most bytes a size hint reserves for the buffer (it grows past that).
+const ARENA_RESERVE_BYTES_MAX: usize = 1 << 20;
 
 impl BackendBatch for MemBatch {
     fn put(&mut self, key: &[u8], value: &[u8]) {
@@ -268,8 +270,11 @@ impl BackendBatch for MemBatch {
         self.writes.reserve(writes);
         // Large values do not go to the arena: never reserve more than the
         // arena could take.
-        self.arena
-            .reserve(bytes.min(writes.saturating_mul(ARENA_VALUE_BYTES_MAX)));
+        self.arena.reserve(
+            bytes
+                .min(writes.saturating_mul(ARENA_VALUE_BYTES_MAX))
+                .min(ARENA_RESERVE_BYTES_MAX),
+        );
     }
 }
 
@@ -341,7 +346,13 @@ impl Backend for MemBackend {
     }
 
     fn apply(&self, batch: MemBatch) -> Result<(), StorageError> {
-        let arena = Bytes::from(batch.arena);
+        let mut arena = batch.arena;
+        if arena.capacity() > 2 * arena.len() + 4096 {
+            // The hint counted large values too: the stored slices would pin
+            // the unused reservation for as long as they live.
+            arena.shrink_to_fit();
+        }
+        let arena = Bytes::from(arena);
         let mut guard = self.disk.lock();
         let image = &mut *guard;
         for (key, value) in batch.writes {

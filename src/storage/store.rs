@@ -306,6 +306,7 @@ impl SledBackend {
             .lock()
             .expect("invariant: a panic while holding the blob tracker");
         let tracker = &mut *guard;
+        let mut new = false;
         if !tracker.list_next {
             match tracker.sync_watched(&self.blobs_dir)? {
                 Watched::Synced { new } => {
@@ -314,7 +315,10 @@ impl SledBackend {
                     }
                     return Ok(());
                 }
-                Watched::Lost => tracker.list_next = true,
+                Watched::Lost { new: synced } => {
+                    tracker.list_next = true;
+                    new = synced;
+                }
             }
         }
         let synced = &mut tracker.synced;
@@ -324,7 +328,6 @@ impl SledBackend {
             Err(error) => return Err(error.into()),
         };
         let mut present = std::collections::HashSet::with_capacity(synced.len());
-        let mut new = false;
         for item in listing {
             let item = item?;
             let name = item.file_name();
@@ -372,6 +375,8 @@ struct BlobTracker {
     list_next: bool,
     /// Blob files known durable (mirrors the directory: deletions remove).
     synced: std::collections::HashSet<OsString>,
+    /// Blob files created and not yet seen closed: synced at every flush.
+    open: std::collections::HashSet<OsString>,
 }
 
 /// What one pass over the watch's events did.
@@ -379,7 +384,9 @@ enum Watched {
     /// The events were complete; `new`: some file was synced.
     Synced { new: bool },
     /// Events were lost (queue overflow) or the watch ended: list instead.
-    Lost,
+    /// `new`: files were synced before that (the directory still needs its
+    /// sync).
+    Lost { new: bool },
 }
 
 impl BlobTracker {
@@ -389,7 +396,8 @@ impl BlobTracker {
         let watch = Inotify::init().and_then(|watch| {
             watch.watches().add(
                 dir,
-                WatchMask::CLOSE_WRITE
+                WatchMask::CREATE
+                    | WatchMask::CLOSE_WRITE
                     | WatchMask::MOVED_TO
                     | WatchMask::DELETE
                     | WatchMask::MOVED_FROM
@@ -409,6 +417,7 @@ impl BlobTracker {
             watch,
             list_next: true,
             synced: std::collections::HashSet::new(),
+            open: std::collections::HashSet::new(),
         }
     }
 
@@ -418,15 +427,19 @@ impl BlobTracker {
             watch: None,
             list_next: true,
             synced: std::collections::HashSet::new(),
+            open: std::collections::HashSet::new(),
         }
     }
 
-    /// Syncs the files the watch saw written, in event order.
+    /// Syncs the files the watch saw written, in event order, then every
+    /// file created but not yet seen closed (a child process between fork
+    /// and exec can hold sled's descriptor, delaying the close event past
+    /// the flush that makes the blob reachable).
     #[cfg(target_os = "linux")]
     fn sync_watched(&mut self, dir: &Path) -> Result<Watched, StorageError> {
         use inotify::EventMask;
         let Some(watch) = self.watch.as_mut() else {
-            return Ok(Watched::Lost);
+            return Ok(Watched::Lost { new: false });
         };
         let mut buffer = [0u8; 4096];
         let mut new = false;
@@ -435,7 +448,11 @@ impl BlobTracker {
                 Ok(events) => events,
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(error) => return Err(error.into()),
+                Err(error) => {
+                    tracing::warn!(dir = %dir.display(), %error, "blob directory watch failed; flushes list it from now on");
+                    self.watch = None;
+                    return Ok(Watched::Lost { new });
+                }
             };
             for event in events {
                 if event
@@ -446,13 +463,16 @@ impl BlobTracker {
                         // The directory is gone: no more events will come.
                         self.watch = None;
                     }
-                    return Ok(Watched::Lost);
+                    return Ok(Watched::Lost { new });
                 }
                 let Some(name) = event.name else { continue };
-                if event
+                if event.mask.contains(EventMask::CREATE) {
+                    self.open.insert(name.to_os_string());
+                } else if event
                     .mask
                     .intersects(EventMask::CLOSE_WRITE | EventMask::MOVED_TO)
                 {
+                    self.open.remove(name);
                     if sync_file(&dir.join(name))? {
                         new = true;
                         self.synced.insert(name.to_os_string());
@@ -461,16 +481,28 @@ impl BlobTracker {
                     .mask
                     .intersects(EventMask::DELETE | EventMask::MOVED_FROM)
                 {
+                    self.open.remove(name);
                     self.synced.remove(name);
                 }
             }
+        }
+        let mut gone = Vec::new();
+        for name in &self.open {
+            if sync_file(&dir.join(name))? {
+                new = true;
+            } else {
+                gone.push(name.clone());
+            }
+        }
+        for name in gone {
+            self.open.remove(&name);
         }
         Ok(Watched::Synced { new })
     }
 
     #[cfg(not(target_os = "linux"))]
     fn sync_watched(&mut self, _dir: &Path) -> Result<Watched, StorageError> {
-        Ok(Watched::Lost)
+        Ok(Watched::Lost { new: false })
     }
 }
 
@@ -837,5 +869,37 @@ mod tests {
                 on_disk.difference(&tracker.synced).collect::<Vec<_>>()
             );
         }
+    }
+
+    /// A blob file created and not yet closed (another process can hold
+    /// sled's descriptor between fork and exec) is synced at every flush
+    /// until its close is seen; then it counts as synced.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_blob_not_yet_closed_is_synced_at_every_flush() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let backend = store.engine.backend();
+        let name = OsString::from("4242");
+        let mut held = std::fs::File::create(backend.blobs_dir.join(&name)).expect("create");
+        held.write_all(b"a blob still being written")
+            .expect("write");
+        let flush = |round: u64| {
+            let mut batch = WriteBatch::new();
+            batch.set_applied_index(0, round);
+            store.commit(batch).expect("commit");
+        };
+        flush(1);
+        {
+            let tracker = backend.blobs.lock().expect("lock");
+            assert!(tracker.open.contains(&name), "the open blob is tracked");
+            assert!(!tracker.synced.contains(&name));
+        }
+        drop(held);
+        flush(2);
+        let tracker = backend.blobs.lock().expect("lock");
+        assert!(tracker.open.is_empty(), "closed: {:?}", tracker.open);
+        assert!(tracker.synced.contains(&name));
     }
 }

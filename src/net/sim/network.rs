@@ -312,7 +312,10 @@ impl Shared {
             return SendAction::DeliverAfter { target, delay };
         }
         let key = (from, to);
-        if delay.is_zero() && !state.links.contains_key(&key) {
+        if delay.is_zero()
+            && self.config.link_queue_messages_max > 0
+            && !state.links.contains_key(&key)
+        {
             // Nothing queued on the link: due now, and nothing to overtake.
             state.count_message(to, role, payload.len());
             self.record(state, from, to, kind, SimOutcome::MessageDelivered);
