@@ -85,9 +85,11 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
-/// Encodes `value` with postcard.
-fn encode<T: Serialize>(kind: Kind, value: &T) -> Result<Bytes, NetError> {
-    postcard::to_allocvec(value)
+/// Encodes `value` with postcard into a buffer of `reserve` bytes up front
+/// (capped at [`ENCODE_RESERVE_BYTES_MAX`]; it grows past that as needed).
+fn encode<T: Serialize>(kind: Kind, value: &T, reserve: usize) -> Result<Bytes, NetError> {
+    let buffer = Vec::with_capacity(reserve.min(ENCODE_RESERVE_BYTES_MAX));
+    postcard::serialize_with_flavor(value, ReservedVec(buffer))
         .map(Bytes::from)
         .map_err(|error| NetError::Encode {
             kind,
@@ -95,18 +97,9 @@ fn encode<T: Serialize>(kind: Kind, value: &T) -> Result<Bytes, NetError> {
         })
 }
 
-/// Encodes a message with postcard into a buffer reserved from its hint.
+/// Encodes a message, reserving its [`Message::encoded_bytes_hint`].
 fn encode_message<M: Message>(message: &M) -> Result<Bytes, NetError> {
-    let reserve = message.encoded_bytes_hint().min(ENCODE_RESERVE_BYTES_MAX);
-    if reserve == 0 {
-        return encode(M::KIND, message);
-    }
-    postcard::serialize_with_flavor(message, ReservedVec(Vec::with_capacity(reserve)))
-        .map(Bytes::from)
-        .map_err(|error| NetError::Encode {
-            kind: M::KIND,
-            message: error.to_string(),
-        })
+    encode(M::KIND, message, message.encoded_bytes_hint())
 }
 
 impl Endpoint {
@@ -154,7 +147,7 @@ impl Endpoint {
         request: &R,
         timeout: Option<Duration>,
     ) -> impl Future<Output = Result<R::Reply, NetError>> + Send + use<R> {
-        let sent = encode(R::KIND, request)
+        let sent = encode(R::KIND, request, 0)
             .map(|payload| self.transport.call(to, R::KIND, payload, timeout));
         async move {
             let reply = sent?.await?;

@@ -659,6 +659,15 @@ mod tests {
     use crate::storage::format::{FORMAT_KEY, encode_format, group_key};
     use crate::storage::{KvStorage, RaftLogStorage, Storage, WriteBatch};
 
+    /// Writes (and flushes) the format-1 marker: a directory as a build of
+    /// format 1 left it.
+    fn mark_format_1(backend: &SledBackend) {
+        let mut marker = Vec::new();
+        encode_format(1, &mut marker);
+        backend.db.insert(FORMAT_KEY, marker).expect("marker");
+        backend.flush().expect("flush");
+    }
+
     fn entries(from: u64, to: u64) -> Vec<Entry> {
         (from..=to)
             .map(|index| Entry {
@@ -687,10 +696,7 @@ mod tests {
             let store = Store::open(dir.path()).expect("open");
             store.append(0, &entries(1, 10)).expect("append");
             let backend = store.engine.backend();
-            let mut marker = Vec::new();
-            encode_format(1, &mut marker);
-            backend.db.insert(FORMAT_KEY, marker).expect("marker");
-            backend.flush().expect("flush");
+            mark_format_1(backend);
         }
         let no_create = StoreConfig {
             create_if_missing: false,
@@ -760,10 +766,7 @@ mod tests {
             let value = tree.remove(key).expect("remove").expect("present");
             backend.db.insert(key, value).expect("insert");
             backend.db.drop_tree(SNAPSHOT_TREE).expect("drop the tree");
-            let mut marker = Vec::new();
-            encode_format(1, &mut marker);
-            backend.db.insert(FORMAT_KEY, marker).expect("marker");
-            backend.flush().expect("flush");
+            mark_format_1(backend);
         }
         let read_only = StoreConfig {
             create_if_missing: false,
