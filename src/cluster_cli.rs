@@ -32,7 +32,8 @@ use raftkv::net::tcp::{TcpConfig, TcpTransport};
 use raftkv::net::{Endpoint, NetError, RemoteFault};
 use raftkv::raft::Role;
 use raftkv::storage::{
-    KvStorage as _, RaftLogStorage as _, StateMachineId, Storage as _, Store, WriteBatch,
+    KvStorage as _, RaftLogStorage as _, StateMachineId, Storage as _, Store, StoreConfig,
+    StoreEngine, WriteBatch,
 };
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
@@ -91,6 +92,20 @@ pub struct ServerArgs {
     /// storage thread is measured against).
     #[arg(long)]
     inline_storage: bool,
+    /// Storage engine of a data directory this start creates: `wal` (every
+    /// record in memory, each commit one append and one fdatasync of a log
+    /// file; the Raft state is bounded by --maxraftstate) or `sled`. An
+    /// existing directory keeps the engine it was created with.
+    #[arg(long, value_name = "ENGINE", default_value = "wal", value_parser = parse_engine)]
+    storage_engine: StoreEngine,
+}
+
+fn parse_engine(text: &str) -> Result<StoreEngine, String> {
+    match text {
+        "wal" => Ok(StoreEngine::Wal),
+        "sled" => Ok(StoreEngine::Sled),
+        other => Err(format!("unknown storage engine {other:?} (wal or sled)")),
+    }
 }
 
 /// One `ID=HOST:PORT` of `--cluster`, checked for shape (not resolved yet).
@@ -251,8 +266,12 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let voters: Vec<NodeId> = addresses.keys().copied().collect();
     let data_dir = args.data_dir.clone();
     let identity = node_identity(&args.cluster_id, id, &voters);
+    let store_config = StoreConfig {
+        engine: args.storage_engine,
+        ..StoreConfig::default()
+    };
     let store = tokio::task::spawn_blocking(move || -> anyhow::Result<Store> {
-        let store = Store::open(&data_dir)
+        let store = Store::open_with(&data_dir, &store_config)
             .with_context(|| format!("cannot open data directory {}", data_dir.display()))?;
         check_identity(&store, &data_dir, &identity)?;
         Ok(store)

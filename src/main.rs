@@ -15,7 +15,7 @@ use raftkv::mr::{
 };
 use raftkv::net::tcp::{TcpConfig, TcpTransport};
 use raftkv::raft::{Entry, EntryKind};
-use raftkv::storage::{KvStorage, MrStorage, RaftLogStorage, Store, StoreConfig};
+use raftkv::storage::{KvStorage, MrStorage, RaftLogStorage, Store, StoreConfig, StoreEngine};
 use serde::Serialize;
 
 mod bench_cli;
@@ -225,6 +225,8 @@ const VALUE_PREFIX_BYTES: usize = 48;
 struct Report {
     directory: String,
     format_version: u32,
+    /// `sled` or `wal`.
+    engine: &'static str,
     raft_groups: Vec<GroupReport>,
     kv_namespaces: Vec<NamespaceReport>,
     mapreduce: MapReduceReport,
@@ -436,6 +438,10 @@ fn build_report(store: &Store, n: usize) -> anyhow::Result<Report> {
     Ok(Report {
         directory: store.path().display().to_string(),
         format_version: store.format_version(),
+        engine: match store.engine() {
+            StoreEngine::Sled => "sled",
+            StoreEngine::Wal => "wal",
+        },
         raft_groups,
         kv_namespaces,
         mapreduce: MapReduceReport {
@@ -449,6 +455,7 @@ fn render_text(report: &Report) -> Result<String, std::fmt::Error> {
     let mut out = String::new();
     writeln!(out, "raftkv data directory {}", report.directory)?;
     writeln!(out, "format version: {}", report.format_version)?;
+    writeln!(out, "storage engine: {}", report.engine)?;
     if report.raft_groups.is_empty() {
         writeln!(out, "raft groups: none")?;
     }

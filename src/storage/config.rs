@@ -55,6 +55,23 @@ impl Default for Limits {
     }
 }
 
+/// How a [`Store`](super::Store) keeps its data on disk. Chosen when a
+/// directory is created; an existing directory always opens with the engine
+/// it was created with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StoreEngine {
+    /// One sled database: records on disk, pages cached in memory. For state
+    /// larger than memory (a single-node KV server's map, MapReduce jobs).
+    #[default]
+    Sled,
+    /// Every record in memory, each committed batch appended to a
+    /// preallocated log file and made durable with one `fdatasync`;
+    /// checkpoint images bound the log. Several times faster per durable
+    /// commit than sled, for state that fits in memory — a Raft node whose
+    /// log is bounded by snapshots (`raftkv server` uses it).
+    Wal,
+}
+
 /// How to open a [`Store`](super::Store).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreConfig {
@@ -74,6 +91,14 @@ pub struct StoreConfig {
     pub lock_timeout_ms: u64,
     /// Size limits on writes.
     pub limits: Limits,
+    /// The engine of a directory this open creates. Default
+    /// [`StoreEngine::Sled`].
+    pub engine: StoreEngine,
+    /// [`StoreEngine::Wal`]: a flush writes a checkpoint image once the newest
+    /// log segment holds this many bytes (and at least twice the size of the
+    /// last image, so writing images costs at most as much as the log).
+    /// Default 64 MiB.
+    pub wal_checkpoint_bytes: u64,
 }
 
 impl Default for StoreConfig {
@@ -84,6 +109,8 @@ impl Default for StoreConfig {
             create_if_missing: true,
             lock_timeout_ms: 500,
             limits: Limits::default(),
+            engine: StoreEngine::Sled,
+            wal_checkpoint_bytes: 64 << 20,
         }
     }
 }

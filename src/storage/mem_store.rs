@@ -164,6 +164,14 @@ pub(crate) struct MemBackend {
     disk: MemDisk,
 }
 
+impl MemBackend {
+    /// A backend over `disk` (the write-ahead-log store keeps its image in
+    /// one that no `MemStore` ever opens).
+    pub(super) fn on(disk: MemDisk) -> MemBackend {
+        MemBackend { disk }
+    }
+}
+
 impl Drop for MemBackend {
     fn drop(&mut self) {
         // Never panic in drop: recover the guard even after a poisoning panic.
@@ -249,6 +257,24 @@ enum BatchValue {
 const ARENA_VALUE_BYTES_MAX: usize = 1024;
 /// Most bytes a size hint reserves for the buffer (it grows past that).
 const ARENA_RESERVE_BYTES_MAX: usize = 1 << 20;
+
+impl MemBatch {
+    /// Visits the writes in order: a put with its value, a delete with `None`.
+    pub(super) fn for_each_write(&self, mut visit: impl FnMut(&[u8], Option<&[u8]>)) {
+        for (key, value) in &self.writes {
+            let value = value.as_ref().map(|value| match value {
+                BatchValue::Arena(range) => &self.arena[range.clone()],
+                BatchValue::Own(value) => &value[..],
+            });
+            visit(key, value);
+        }
+    }
+
+    /// How many writes the batch holds.
+    pub(super) fn len(&self) -> usize {
+        self.writes.len()
+    }
+}
 
 impl BackendBatch for MemBatch {
     fn put(&mut self, key: &[u8], value: &[u8]) {

@@ -22,9 +22,10 @@ mod mem_log;
 mod mem_store;
 mod store;
 mod traits;
+mod wal;
 mod write_batch;
 
-pub use config::{FORMAT_VERSION, FlushMode, Limits, StoreConfig};
+pub use config::{FORMAT_VERSION, FlushMode, Limits, StoreConfig, StoreEngine};
 pub use error::StorageError;
 pub use mem_store::{MemDisk, MemStore};
 pub use store::Store;

@@ -9,11 +9,13 @@ use bytes::Bytes;
 
 use super::engine::{Backend, BackendBatch, Engine};
 use super::format::TAG_SNAPSHOT_DATA;
-use super::{FlushMode, StorageError, StoreConfig};
+use super::mem_store::MemBatch;
+use super::wal::{self, WalBackend};
+use super::{FlushMode, StorageError, StoreConfig, StoreEngine};
 use sled::Transactional;
 
 /// The durable state of one node: one data directory holding one sled
-/// database. Cheap to clone (all clones share the database); the directory is
+/// database or one write-ahead log ([`StoreEngine`]). Cheap to clone (all clones share the database); the directory is
 /// locked until the last clone is dropped.
 ///
 /// Implements [`RaftLogStorage`](super::RaftLogStorage),
@@ -35,7 +37,7 @@ use sled::Transactional;
 /// ```
 #[derive(Clone)]
 pub struct Store {
-    pub(crate) engine: Arc<Engine<SledBackend>>,
+    pub(crate) engine: Arc<Engine<StoreBackend>>,
     path: Arc<PathBuf>,
 }
 
@@ -64,23 +66,44 @@ impl Store {
     /// A directory is never re-initialised.
     pub fn open_with(dir: impl AsRef<Path>, config: &StoreConfig) -> Result<Store, StorageError> {
         let path = dir.as_ref().to_path_buf();
-        check_directory(&path, config.create_if_missing)?;
-        let mut sled_config = sled::Config::new()
-            .path(&path)
-            .cache_capacity(config.cache_capacity_bytes);
-        let flush_on_commit = match config.flush_mode {
-            // Every commit flushes itself: no background flusher needed.
-            FlushMode::EveryCommit => {
-                sled_config = sled_config.flush_every_ms(None);
-                true
+        let engine_kind = check_directory(&path, config)?;
+        let (backend, flush_on_commit) = match engine_kind {
+            StoreEngine::Sled => {
+                let mut sled_config = sled::Config::new()
+                    .path(&path)
+                    .cache_capacity(config.cache_capacity_bytes);
+                let flush_on_commit = match config.flush_mode {
+                    // Every commit flushes itself: no background flusher needed.
+                    FlushMode::EveryCommit => {
+                        sled_config = sled_config.flush_every_ms(None);
+                        true
+                    }
+                    FlushMode::Background { every_ms } => {
+                        sled_config = sled_config.flush_every_ms(Some(every_ms.max(1)));
+                        false
+                    }
+                };
+                let db = open_sled(&sled_config, &path, config.lock_timeout_ms)?;
+                (
+                    StoreBackend::Sled(SledBackend::new(db, &path)?),
+                    flush_on_commit,
+                )
             }
-            FlushMode::Background { every_ms } => {
-                sled_config = sled_config.flush_every_ms(Some(every_ms.max(1)));
-                false
+            StoreEngine::Wal => {
+                let background_ms = match config.flush_mode {
+                    FlushMode::EveryCommit => None,
+                    FlushMode::Background { every_ms } => Some(every_ms),
+                };
+                let backend = WalBackend::open(
+                    &path,
+                    config.create_if_missing,
+                    config.lock_timeout_ms,
+                    config.wal_checkpoint_bytes,
+                    background_ms,
+                )?;
+                (StoreBackend::Wal(backend), background_ms.is_none())
             }
         };
-        let db = open_sled(&sled_config, &path, config.lock_timeout_ms)?;
-        let backend = SledBackend::new(db, &path)?;
         let engine = Engine::open(
             backend,
             config.limits.clone(),
@@ -104,9 +127,20 @@ impl Store {
         self.engine.format_version()
     }
 
-    /// Bytes sled uses on disk.
+    /// The engine the directory was created with.
+    pub fn engine(&self) -> StoreEngine {
+        match self.engine.backend() {
+            StoreBackend::Sled(_) => StoreEngine::Sled,
+            StoreBackend::Wal(_) => StoreEngine::Wal,
+        }
+    }
+
+    /// Bytes the store uses on disk.
     pub fn size_on_disk(&self) -> Result<u64, StorageError> {
-        Ok(self.engine.backend().db.size_on_disk()?)
+        match self.engine.backend() {
+            StoreBackend::Sled(sled) => Ok(sled.db.size_on_disk()?),
+            StoreBackend::Wal(wal) => wal.size_on_disk(),
+        }
     }
 }
 
@@ -143,9 +177,11 @@ fn open_sled(
     }
 }
 
-/// Rejects anything that is not a missing/empty directory or a sled database
-/// before sled can write into it.
-fn check_directory(path: &Path, create: bool) -> Result<(), StorageError> {
+/// Rejects anything that is not a missing/empty directory or a raftkv store
+/// before an engine can write into it; says which engine opens it (an empty
+/// or missing directory gets `config.engine`).
+fn check_directory(path: &Path, config: &StoreConfig) -> Result<StoreEngine, StorageError> {
+    let create = config.create_if_missing;
     let not_raftkv = |reason: &str| StorageError::NotRaftkvDirectory {
         path: path.to_path_buf(),
         reason: reason.to_owned(),
@@ -158,14 +194,19 @@ fn check_directory(path: &Path, create: bool) -> Result<(), StorageError> {
                 .collect::<Result<Vec<OsString>, _>>()?;
             if names.is_empty() {
                 return if create {
-                    Ok(())
+                    Ok(config.engine)
                 } else {
                     Err(not_raftkv("the directory is empty"))
                 };
             }
             let has = |name: &str| names.iter().any(|n| n == name);
+            let all_wal = names
+                .iter()
+                .all(|name| name.to_str().is_some_and(wal::is_wal_file));
             if has("db") && has("conf") {
-                Ok(())
+                Ok(StoreEngine::Sled)
+            } else if has(wal::MARKER_FILE) && all_wal {
+                Ok(StoreEngine::Wal)
             } else {
                 Err(not_raftkv("it holds files that are not a raftkv database"))
             }
@@ -173,12 +214,135 @@ fn check_directory(path: &Path, create: bool) -> Result<(), StorageError> {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             if create {
                 std::fs::create_dir_all(path)?;
-                Ok(())
+                Ok(config.engine)
             } else {
                 Err(not_raftkv("it does not exist"))
             }
         }
         Err(error) => Err(error.into()),
+    }
+}
+
+/// The backend of a [`Store`]: sled or the write-ahead log.
+pub(crate) enum StoreBackend {
+    Sled(SledBackend),
+    Wal(WalBackend),
+}
+
+/// A value read from either backend.
+pub(crate) enum StoreValue {
+    Sled(sled::IVec),
+    Bytes(Bytes),
+}
+
+impl AsRef<[u8]> for StoreValue {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            StoreValue::Sled(value) => value,
+            StoreValue::Bytes(value) => value,
+        }
+    }
+}
+
+/// A batch for either backend.
+pub(crate) enum StoreBatch {
+    Sled(SledBatch),
+    Wal(MemBatch),
+}
+
+impl BackendBatch for StoreBatch {
+    fn put(&mut self, key: &[u8], value: &[u8]) {
+        match self {
+            StoreBatch::Sled(batch) => batch.put(key, value),
+            StoreBatch::Wal(batch) => batch.put(key, value),
+        }
+    }
+
+    fn delete(&mut self, key: &[u8]) {
+        match self {
+            StoreBatch::Sled(batch) => batch.delete(key),
+            StoreBatch::Wal(batch) => batch.delete(key),
+        }
+    }
+
+    fn reserve(&mut self, writes: usize, bytes: usize) {
+        match self {
+            StoreBatch::Sled(batch) => batch.reserve(writes, bytes),
+            StoreBatch::Wal(batch) => batch.reserve(writes, bytes),
+        }
+    }
+}
+
+impl StoreBackend {
+    /// The sled backend (tests of sled specifics).
+    #[cfg(test)]
+    pub(crate) fn sled(&self) -> &SledBackend {
+        match self {
+            StoreBackend::Sled(sled) => sled,
+            StoreBackend::Wal(_) => panic!("not a sled store"),
+        }
+    }
+}
+
+impl Backend for StoreBackend {
+    type Value = StoreValue;
+    type Batch = StoreBatch;
+
+    fn new_batch(&self) -> StoreBatch {
+        match self {
+            StoreBackend::Sled(sled) => StoreBatch::Sled(sled.new_batch()),
+            StoreBackend::Wal(wal) => StoreBatch::Wal(wal.new_batch()),
+        }
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<StoreValue>, StorageError> {
+        Ok(match self {
+            StoreBackend::Sled(sled) => sled.get(key)?.map(StoreValue::Sled),
+            StoreBackend::Wal(wal) => wal.get(key)?.map(StoreValue::Bytes),
+        })
+    }
+
+    fn scan<F>(&self, lo: &[u8], hi: &[u8], reverse: bool, mut visit: F) -> Result<(), StorageError>
+    where
+        F: FnMut(&[u8], StoreValue) -> Result<bool, StorageError>,
+    {
+        match self {
+            StoreBackend::Sled(sled) => sled.scan(lo, hi, reverse, |key, value| {
+                visit(key, StoreValue::Sled(value))
+            }),
+            StoreBackend::Wal(wal) => wal.scan(lo, hi, reverse, |key, value| {
+                visit(key, StoreValue::Bytes(value))
+            }),
+        }
+    }
+
+    fn is_empty(&self) -> Result<bool, StorageError> {
+        match self {
+            StoreBackend::Sled(sled) => sled.is_empty(),
+            StoreBackend::Wal(wal) => wal.is_empty(),
+        }
+    }
+
+    fn apply(&self, batch: StoreBatch) -> Result<(), StorageError> {
+        match (self, batch) {
+            (StoreBackend::Sled(sled), StoreBatch::Sled(batch)) => sled.apply(batch),
+            (StoreBackend::Wal(wal), StoreBatch::Wal(batch)) => wal.apply(batch),
+            _ => panic!("invariant: a batch is applied by the backend that made it"),
+        }
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        match self {
+            StoreBackend::Sled(sled) => sled.flush(),
+            StoreBackend::Wal(wal) => wal.flush(),
+        }
+    }
+
+    fn into_bytes(value: StoreValue) -> Bytes {
+        match value {
+            StoreValue::Sled(value) => SledBackend::into_bytes(value),
+            StoreValue::Bytes(value) => value,
+        }
     }
 }
 
@@ -695,7 +859,7 @@ mod tests {
         {
             let store = Store::open(dir.path()).expect("open");
             store.append(0, &entries(1, 10)).expect("append");
-            let backend = store.engine.backend();
+            let backend = store.engine.backend().sled();
             mark_format_1(backend);
         }
         let no_create = StoreConfig {
@@ -736,7 +900,7 @@ mod tests {
             .expect("snapshot");
         store.append(0, &entries(11, 20)).expect("append");
         let key = group_key(TAG_SNAPSHOT_DATA, 0);
-        let backend = store.engine.backend();
+        let backend = store.engine.backend().sled();
         assert!(backend.db.get(key).expect("get").is_none());
         let tree = backend.snapshots.get().expect("the snapshot tree exists");
         assert!(tree.get(key).expect("get").is_some());
@@ -760,7 +924,7 @@ mod tests {
                 .install_snapshot(0, meta(5), old.clone())
                 .expect("snapshot");
             // Make it a format-1 store: the record in the default tree.
-            let backend = store.engine.backend();
+            let backend = store.engine.backend().sled();
             let key = group_key(TAG_SNAPSHOT_DATA, 0);
             let tree = backend.snapshots.get().expect("tree");
             let value = tree.remove(key).expect("remove").expect("present");
@@ -775,7 +939,7 @@ mod tests {
         let store = Store::open_with(dir.path(), &read_only).expect("open read-only");
         assert_eq!(store.format_version(), 1);
         assert_eq!(store.snapshot(0).expect("snapshot"), (meta(5), old.clone()));
-        let names = store.engine.backend().db.tree_names();
+        let names = store.engine.backend().sled().db.tree_names();
         assert!(
             !names.iter().any(|name| name == SNAPSHOT_TREE),
             "a read-only open creates no tree"
@@ -789,7 +953,16 @@ mod tests {
             .install_snapshot(0, meta(8), new.clone())
             .expect("snapshot");
         let key = group_key(TAG_SNAPSHOT_DATA, 0);
-        assert!(store.engine.backend().db.get(key).expect("get").is_none());
+        assert!(
+            store
+                .engine
+                .backend()
+                .sled()
+                .db
+                .get(key)
+                .expect("get")
+                .is_none()
+        );
         drop(store);
         let store = Store::open(dir.path()).expect("reopen");
         assert_eq!(store.snapshot(0).expect("snapshot"), (meta(8), new));
@@ -807,7 +980,7 @@ mod tests {
             .kv_put(0, "big", large.clone(), 1)
             .set_applied_index(0, 1);
         store.commit(batch).expect("commit");
-        let backend = store.engine.backend();
+        let backend = store.engine.backend().sled();
         let on_disk: std::collections::HashSet<OsString> = std::fs::read_dir(&backend.blobs_dir)
             .expect("blob directory")
             .map(|item| item.expect("listing").file_name())
@@ -841,7 +1014,7 @@ mod tests {
     fn a_flush_after_lost_events_lists_the_blobs() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
-        let backend = store.engine.backend();
+        let backend = store.engine.backend().sled();
         let on_disk = || -> std::collections::HashSet<OsString> {
             std::fs::read_dir(&backend.blobs_dir)
                 .expect("blob directory")
@@ -883,7 +1056,7 @@ mod tests {
         use std::io::Write;
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
-        let backend = store.engine.backend();
+        let backend = store.engine.backend().sled();
         let name = OsString::from("4242");
         let mut held = std::fs::File::create(backend.blobs_dir.join(&name)).expect("create");
         held.write_all(b"a blob still being written")

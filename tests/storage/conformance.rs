@@ -829,6 +829,7 @@ macro_rules! conformance_suite {
 
 conformance_suite!(sled_store, crate::SledHarness::default());
 conformance_suite!(mem_store, crate::MemHarness::default());
+conformance_suite!(wal_store, crate::WalHarness::default());
 
 #[test]
 fn mem_store_crash_loses_only_uncommitted_writes() {
@@ -944,4 +945,8 @@ fn both_stores_agree_on_the_same_history() {
     let mem_store = MemStore::open(&MemDisk::new()).unwrap();
     history(&mem_store);
     assert_eq!(dump(&sled_store), dump(&mem_store));
+    let mut wal = crate::WalHarness::default();
+    let wal_store = wal.open();
+    history(&wal_store);
+    assert_eq!(dump(&sled_store), dump(&wal_store));
 }

@@ -14,7 +14,8 @@ use std::process::{Command, Stdio};
 use bytes::Bytes;
 use raftkv::raft::{Entry, EntryKind, HardState, SnapshotMeta};
 use raftkv::storage::{
-    KvStorage, MemDisk, MemStore, RaftLogStorage, Storage, Store, VersionedValue, WriteBatch,
+    KvStorage, MemDisk, MemStore, RaftLogStorage, Storage, Store, StoreConfig, StoreEngine,
+    VersionedValue, WriteBatch,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -24,8 +25,13 @@ use super::dump;
 
 const CHILD_DIR: &str = "RAFTKV_CRASH_CHILD_DIR";
 const CHILD_SEED: &str = "RAFTKV_CRASH_CHILD_SEED";
+const CHILD_ENGINE: &str = "RAFTKV_CRASH_CHILD_ENGINE";
 const SEEDS: &str = "RAFTKV_CRASH_SEEDS";
 const TEST_NAME: &str = "crash::sigkill_never_loses_an_acknowledged_write";
+const WAL_TEST_NAME: &str = "crash::sigkill_never_loses_an_acknowledged_write_to_the_wal";
+/// Checkpoint threshold of the write-ahead-log runs: small, so that kills
+/// land before, during and after checkpoints.
+const WAL_CHECKPOINT_BYTES: u64 = 2048;
 const DEFAULT_SEEDS: [u64; 4] = [1, 2, 3, 4];
 const ROUNDS_PER_SEED: u64 = 8;
 /// Batches a child commits at most before the parent kills it.
@@ -200,9 +206,28 @@ impl CrashOp {
     }
 }
 
+/// How both roles open the directory.
+fn open(dir: &Path, engine: StoreEngine) -> Result<Store, raftkv::storage::StorageError> {
+    let config = StoreConfig {
+        engine,
+        wal_checkpoint_bytes: WAL_CHECKPOINT_BYTES,
+        ..StoreConfig::default()
+    };
+    let store = Store::open_with(dir, &config)?;
+    assert_eq!(store.engine(), engine);
+    Ok(store)
+}
+
+fn engine_name(engine: StoreEngine) -> &'static str {
+    match engine {
+        StoreEngine::Sled => "sled",
+        StoreEngine::Wal => "wal",
+    }
+}
+
 /// The child role: commit batches until killed, announcing each one.
-fn run_child(dir: &Path, seed: u64) {
-    let store = Store::open(dir).expect("child: open the store");
+fn run_child(dir: &Path, seed: u64, engine: StoreEngine) {
+    let store = open(dir, engine).expect("child: open the store");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut stdout = std::io::stdout();
     for _ in 0..CHILD_OPS_MAX {
@@ -255,10 +280,15 @@ fn seeds() -> Vec<u64> {
     }
 }
 
-fn run_seed(seed: u64) {
+fn run_seed(seed: u64, engine: StoreEngine) {
+    let test_name = match engine {
+        StoreEngine::Sled => TEST_NAME,
+        StoreEngine::Wal => WAL_TEST_NAME,
+    };
     let hint = |round: u64| {
         format!(
-            "seed {seed} round {round}; replay with {SEEDS}={seed} cargo test --release --test storage crash"
+            "{} seed {seed} round {round}; replay with {SEEDS}={seed} cargo test --release --test storage -- --exact {test_name}",
+            engine_name(engine)
         )
     };
     let dir = tempfile::tempdir().unwrap();
@@ -272,8 +302,9 @@ fn run_seed(seed: u64) {
         // Kill right after a commit began, or right after one was acknowledged.
         let kill_in_flight = rng.random_bool(0.5);
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", TEST_NAME, "--nocapture", "--test-threads", "1"])
+            .args(["--exact", test_name, "--nocapture", "--test-threads", "1"])
             .env(CHILD_DIR, dir.path())
+            .env(CHILD_ENGINE, engine_name(engine))
             .env(CHILD_SEED, (seed * 1000 + round).to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -322,7 +353,7 @@ fn run_seed(seed: u64) {
         );
         acknowledged_total += acknowledged;
 
-        let store = Store::open(dir.path())
+        let store = open(dir.path(), engine)
             .unwrap_or_else(|e| panic!("reopen after the kill: {e}; {}", hint(round)));
         let recovered = dump(&store);
         drop(store);
@@ -349,15 +380,33 @@ fn run_seed(seed: u64) {
     );
 }
 
-#[test]
-fn sigkill_never_loses_an_acknowledged_write() {
-    // Every batch acknowledged before a SIGKILL survives, and the batch in flight is all there or absent.
+/// The child role when this process is a child; otherwise every seed.
+fn run(engine: StoreEngine) {
     if let Ok(dir) = std::env::var(CHILD_DIR) {
         let seed = std::env::var(CHILD_SEED).unwrap().parse().unwrap();
-        run_child(Path::new(&dir), seed);
+        let child_engine = std::env::var(CHILD_ENGINE).unwrap();
+        assert_eq!(
+            child_engine,
+            engine_name(engine),
+            "child started for another engine"
+        );
+        run_child(Path::new(&dir), seed, engine);
         return;
     }
     for seed in seeds() {
-        run_seed(seed);
+        run_seed(seed, engine);
     }
+}
+
+#[test]
+fn sigkill_never_loses_an_acknowledged_write() {
+    // Every batch acknowledged before a SIGKILL survives, and the batch in flight is all there or absent.
+    run(StoreEngine::Sled);
+}
+
+#[test]
+fn sigkill_never_loses_an_acknowledged_write_to_the_wal() {
+    // The same for the write-ahead-log engine, with checkpoints every 2 KiB
+    // of log, so kills also land while an image is being written.
+    run(StoreEngine::Wal);
 }

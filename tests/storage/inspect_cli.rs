@@ -5,7 +5,9 @@ use std::process::{Command, Output};
 
 use bytes::Bytes;
 use raftkv::raft::{Entry, EntryKind, HardState, SnapshotMeta};
-use raftkv::storage::{MrStorage, RaftLogStorage, Storage, Store, WriteBatch};
+use raftkv::storage::{
+    MrStorage, RaftLogStorage, Storage, Store, StoreConfig, StoreEngine, WriteBatch,
+};
 
 use super::entries;
 
@@ -29,7 +31,15 @@ fn stderr(output: &Output) -> String {
 /// A stopped node's directory: group 0 with a snapshot at 3 and entries
 /// 4..=12, group 5 with one no-op, 15 KV keys and two MapReduce records.
 fn populated(dir: &Path) {
-    let store = Store::open(dir).unwrap();
+    populated_with(dir, StoreEngine::Sled);
+}
+
+fn populated_with(dir: &Path, engine: StoreEngine) {
+    let config = StoreConfig {
+        engine,
+        ..StoreConfig::default()
+    };
+    let store = Store::open_with(dir, &config).unwrap();
     store.append(0, &entries(1, 8, 1)).unwrap();
     store.append(0, &entries(9, 12, 4)).unwrap();
     store
@@ -72,12 +82,22 @@ fn populated(dir: &Path) {
 
 #[test]
 fn text_report_shows_groups_entries_keys_and_records() {
-    // The text report has the format version, each group's hard state, log bounds, snapshot and last N entries, the KV map and the MapReduce records.
-    let dir = tempfile::tempdir().unwrap();
-    populated(dir.path());
-    let output = inspect(&[dir.path().to_str().unwrap(), "--entries", "3"]);
-    assert!(output.status.success(), "stderr: {}", stderr(&output));
-    let text = stdout(&output);
+    // The text report has the format version, the engine, each group's hard state, log bounds, snapshot and last N entries, the KV map and the MapReduce records; both engines report the same content.
+    for (engine, name) in [(StoreEngine::Sled, "sled"), (StoreEngine::Wal, "wal")] {
+        let dir = tempfile::tempdir().unwrap();
+        populated_with(dir.path(), engine);
+        let output = inspect(&[dir.path().to_str().unwrap(), "--entries", "3"]);
+        assert!(output.status.success(), "stderr: {}", stderr(&output));
+        let text = stdout(&output);
+        assert!(
+            text.contains(&format!("format version: 2\nstorage engine: {name}\n")),
+            "{text}"
+        );
+        check_text_report(&text);
+    }
+}
+
+fn check_text_report(text: &str) {
     for expected in [
         "format version: 2",
         "raft group 0\n  hard state: term 4, voted for node 2\n  log: first index 4, last index 12 (9 entries)\n  snapshot: last included index 3, term 1, 10 bytes\n  last 3 entries:\n    index 10  term 4  normal  8 bytes  hex 636d642d31302d34\n    index 11  term 4",

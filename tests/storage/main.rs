@@ -12,7 +12,7 @@ use bytes::Bytes;
 use raftkv::raft::{Entry, EntryKind, HardState, SnapshotMeta};
 use raftkv::storage::{
     GroupId, Limits, MemDisk, MemStore, NodeStorage, StateMachineId, Store, StoreConfig,
-    VersionedValue,
+    StoreEngine, VersionedValue,
 };
 
 /// Opens and reopens one kind of store for the conformance suite.
@@ -50,6 +50,47 @@ impl Harness for SledHarness {
             ..StoreConfig::default()
         };
         Store::open_with(self.dir.path(), &config).expect("open the sled store")
+    }
+    fn reopen(&mut self, store: Store) -> Store {
+        drop(store);
+        self.open()
+    }
+}
+
+/// A write-ahead-log [`Store`] in a temporary directory; `checkpoint_bytes`
+/// small enough that the suite's tests cross checkpoints.
+pub struct WalHarness {
+    pub dir: tempfile::TempDir,
+    pub checkpoint_bytes: u64,
+}
+
+impl Default for WalHarness {
+    fn default() -> WalHarness {
+        WalHarness {
+            dir: tempfile::tempdir().expect("create a temporary directory"),
+            checkpoint_bytes: 4096,
+        }
+    }
+}
+
+impl WalHarness {
+    pub fn config(&self, limits: Limits) -> StoreConfig {
+        StoreConfig {
+            limits,
+            engine: StoreEngine::Wal,
+            wal_checkpoint_bytes: self.checkpoint_bytes,
+            ..StoreConfig::default()
+        }
+    }
+}
+
+impl Harness for WalHarness {
+    type S = Store;
+    fn open_with(&mut self, limits: Limits) -> Store {
+        let store =
+            Store::open_with(self.dir.path(), &self.config(limits)).expect("open the wal store");
+        assert_eq!(store.engine(), StoreEngine::Wal);
+        store
     }
     fn reopen(&mut self, store: Store) -> Store {
         drop(store);

@@ -14,7 +14,7 @@ use proptest::test_runner::{Config, RngSeed, TestCaseError};
 use raftkv::raft::{Entry, EntryKind, HardState, SnapshotMeta};
 use raftkv::storage::{GroupId, Storage, StorageError, VersionedValue, WriteBatch};
 
-use super::{Dump, GroupDump, Harness, MemHarness, SledHarness, dump};
+use super::{Dump, GroupDump, Harness, MemHarness, SledHarness, WalHarness, dump};
 
 const DEFAULT_SEED: u64 = 0x5eed_2024;
 
@@ -461,5 +461,15 @@ proptest! {
     #[test]
     fn sled_store_matches_the_model(transitions in vec(transition(), 1..40)) {
         run(SledHarness::default(), transitions)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(config(64))]
+    #[test]
+    fn wal_store_matches_the_model(transitions in vec(transition(), 1..40)) {
+        // Small checkpoints: the runs cross several, reopening in between.
+        let harness = WalHarness { checkpoint_bytes: 512, ..WalHarness::default() };
+        run(harness, transitions)?;
     }
 }
