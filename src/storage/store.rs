@@ -189,9 +189,15 @@ fn check_directory(path: &Path, config: &StoreConfig) -> Result<StoreEngine, Sto
     match std::fs::metadata(path) {
         Ok(meta) if !meta.is_dir() => Err(not_raftkv("it is not a directory")),
         Ok(_) => {
-            let names = std::fs::read_dir(path)?
+            let mut names = std::fs::read_dir(path)?
                 .map(|entry| entry.map(|entry| entry.file_name()))
                 .collect::<Result<Vec<OsString>, _>>()?;
+            if names.iter().all(|name| name == wal::MARKER_TMP_FILE) && create {
+                // A creation a crash interrupted before the marker existed.
+                for name in names.drain(..) {
+                    std::fs::remove_file(path.join(name))?;
+                }
+            }
             if names.is_empty() {
                 return if create {
                     Ok(config.engine)

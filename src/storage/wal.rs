@@ -47,11 +47,18 @@
 //! Records must follow each other by sequence number across segments. A bad
 //! record (checksum, length, sequence) in any but the newest segment is
 //! [`StorageError::Corruption`]: those were synced before the next segment
-//! was created. In the newest segment the first bad record ends the log: it
-//! is a write torn by the crash (nothing after it was acknowledged, since
-//! each flush syncs all it wrote). A writable open truncates the segment
-//! there and preallocates it again, so stale bytes beyond the new end can
-//! never be read as records later.
+//! was created. In the newest segment a bad record is a write torn by the
+//! crash only if a sector-sized piece of it is still zeros (segments are
+//! zero-filled, so a record that did not fully reach the disk has one; bit
+//! rot does not — etcd's test): the log ends there (nothing after it was
+//! acknowledged: each flush syncs all it wrote), and a writable open
+//! truncates the segment there and zero-fills it again, so stale records
+//! beyond the new end can never be replayed after later writes. Any other
+//! bad record is `Corruption`, and the file is left as it is.
+//!
+//! An open without `create_if_missing` (`raftkv inspect`) repairs nothing,
+//! deletes nothing, creates no file (not even `LOCK` when it is missing), and
+//! every write to it fails: it is read-only.
 //!
 //! [`StoreConfig::wal_checkpoint_bytes`]: super::StoreConfig::wal_checkpoint_bytes
 
@@ -88,6 +95,8 @@ const IMAGE_MAGIC: &[u8; 8] = b"RKVIMG\0\x01";
 /// this (so a segment grows past it only by one flush's records). A quarter
 /// of the checkpoint threshold when that is smaller.
 const SEGMENT_BYTES_MAX: u64 = 16 << 20;
+/// A write buffer larger than this is freed after use, not kept.
+const BUFFER_KEEP_BYTES_MAX: usize = 4 << 20;
 /// The next segment, zero-filled ahead of time by a thread of its own.
 const SPARE_SEGMENT: &str = "wal-spare.tmp";
 /// Pause between attempts to take a held directory lock.
@@ -109,6 +118,10 @@ fn parse_numbered(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
     }
     digits.parse().ok()
 }
+
+/// The marker's temporary name: a directory holding only this is one a
+/// crash interrupted while it was being created, and counts as empty.
+pub(crate) const MARKER_TMP_FILE: &str = "raftkv-wal.tmp";
 
 /// Whether `dir` holds a write-ahead-log store (its marker file).
 pub(crate) fn is_wal_directory(dir: &Path) -> bool {
@@ -179,20 +192,27 @@ fn preallocate(file: &File, len: u64, bytes: u64) -> Result<(), StorageError> {
 }
 
 /// Takes the directory's lock file, retrying while another holder goes away.
-fn lock_directory(dir: &Path, timeout_ms: u64) -> Result<File, StorageError> {
+/// Without `create`, a missing lock file is left missing (no store ever
+/// ran here with it, so none runs now): `None`.
+fn lock_directory(dir: &Path, timeout_ms: u64, create: bool) -> Result<Option<File>, StorageError> {
     use std::os::fd::AsRawFd;
-    let file = OpenOptions::new()
+    let file = match OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
+        .create(create)
         .truncate(false)
-        .open(dir.join(LOCK_FILE))?;
+        .open(dir.join(LOCK_FILE))
+    {
+        Ok(file) => file,
+        Err(error) if !create && error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error.into()),
+    };
     let deadline = Instant::now() + Duration::from_millis(timeout_ms);
     loop {
         // SAFETY: a plain system call on a descriptor we own.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc == 0 {
-            return Ok(file);
+            return Ok(Some(file));
         }
         let error = std::io::Error::last_os_error();
         if error.raw_os_error() != Some(libc::EWOULDBLOCK) {
@@ -346,7 +366,22 @@ fn decode_ops(mut payload: &[u8]) -> Option<MemBatch> {
 fn write_image(dir: &Path, seq: u64, disk: MemDisk) -> Result<u64, StorageError> {
     let name = image_name(seq);
     let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
-    let file = File::create(&tmp)?;
+    let result = write_image_to(dir, &tmp, &name, seq, disk);
+    if result.is_err() {
+        // Do not leave a full-size temporary file behind (no space?).
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn write_image_to(
+    dir: &Path,
+    tmp: &Path,
+    name: &str,
+    seq: u64,
+    disk: MemDisk,
+) -> Result<u64, StorageError> {
+    let file = File::create(tmp)?;
     let mut out = BufWriter::with_capacity(1 << 20, &file);
     let mut hasher = crc32fast::Hasher::new();
     let mut written = 0u64;
@@ -381,7 +416,7 @@ fn write_image(dir: &Path, seq: u64, disk: MemDisk) -> Result<u64, StorageError>
     drop(out);
     file.sync_all()?;
     drop(file);
-    std::fs::rename(&tmp, dir.join(&name))?;
+    std::fs::rename(tmp, dir.join(name))?;
     sync_directory(dir)?;
     Ok(written + 4)
 }
@@ -458,11 +493,14 @@ struct Wal {
     writer: Mutex<Writer>,
     /// Records up to this number are durable.
     durable_seq: AtomicU64,
+    /// Set with `Writer::failed`: applies fail too (a background flusher's
+    /// failure must not go unnoticed by commits).
+    broken: AtomicBool,
     checkpoint_bytes_min: u64,
     /// Zero-filled size of a segment.
     segment_bytes: u64,
     /// The directory lock, released when the store is dropped.
-    _lock: File,
+    _lock: Option<File>,
 }
 
 struct Pending {
@@ -472,9 +510,13 @@ struct Pending {
 }
 
 struct Writer {
-    segment: File,
+    /// The newest segment; `None` in a read-only store (opened without
+    /// `create_if_missing`), where every write fails.
+    segment: Option<File>,
     /// Where the next record goes in `segment`.
     offset: u64,
+    /// The log moves to a new segment once `offset` reaches this.
+    move_at: u64,
     /// Bytes of records in the segments after the newest image.
     log_bytes: u64,
     /// Set once a write or sync failed: every later flush fails.
@@ -518,7 +560,7 @@ impl WalBackend {
                 });
             }
             std::fs::create_dir_all(dir)?;
-            let tmp = dir.join(format!("{MARKER_FILE}{TMP_SUFFIX}"));
+            let tmp = dir.join(MARKER_TMP_FILE);
             let mut marker = File::create(&tmp)?;
             marker.write_all(MARKER_TEXT)?;
             marker.sync_all()?;
@@ -532,12 +574,13 @@ impl WalBackend {
                 reason: "the write-ahead-log marker names an unknown layout".to_owned(),
             });
         }
-        let lock = lock_directory(dir, lock_timeout_ms)?;
-        let replayed = replay(dir)?;
+        let lock = lock_directory(dir, lock_timeout_ms, create)?;
+        let replayed = replay(dir, create)?;
         let checkpoint_bytes_min = checkpoint_bytes_min.max(1);
         // A checkpoint comes after four segments or more.
         let segment_bytes = (checkpoint_bytes_min / 4).clamp(1, SEGMENT_BYTES_MAX);
         let (segment, offset) = match replayed.last_segment {
+            _ if !create => (None, 0),
             Some((start, end)) => {
                 let segment = OpenOptions::new()
                     .read(true)
@@ -550,13 +593,18 @@ impl WalBackend {
                     fill_zeros(&segment, end, len.min(end.max(segment_bytes)))?;
                     segment.sync_all()?;
                 }
-                (segment, end)
+                (Some(segment), end)
             }
             None => {
                 let start = replayed.next_seq;
                 let segment = zeroed_file(&dir.join(SPARE_SEGMENT), segment_bytes)?;
                 (
-                    install_segment(dir, &dir.join(SPARE_SEGMENT), start, segment)?,
+                    Some(install_segment(
+                        dir,
+                        &dir.join(SPARE_SEGMENT),
+                        start,
+                        segment,
+                    )?),
                     0,
                 )
             }
@@ -571,6 +619,7 @@ impl WalBackend {
             writer: Mutex::new(Writer {
                 segment,
                 offset,
+                move_at: segment_bytes,
                 log_bytes: replayed.log_bytes,
                 failed: false,
                 buffer: Vec::new(),
@@ -579,6 +628,7 @@ impl WalBackend {
                 next_segment: None,
             }),
             durable_seq: AtomicU64::new(replayed.next_seq - 1),
+            broken: AtomicBool::new(false),
             checkpoint_bytes_min,
             segment_bytes,
             _lock: lock,
@@ -599,9 +649,12 @@ impl WalBackend {
     pub(crate) fn size_on_disk(&self) -> Result<u64, StorageError> {
         let mut total = 0;
         for entry in std::fs::read_dir(&self.wal.dir)? {
-            let meta = entry?.metadata()?;
-            if meta.is_file() {
-                total += meta.len();
+            // A checkpoint may delete or rename files meanwhile.
+            match entry?.metadata() {
+                Ok(meta) if meta.is_file() => total += meta.len(),
+                Ok(_) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(error.into()),
             }
         }
         Ok(total)
@@ -672,7 +725,46 @@ fn create_segment(dir: &Path, start: u64, bytes: u64) -> Result<File, StorageErr
 }
 
 /// Loads the newest image and replays the segments after it.
-fn replay(dir: &Path) -> Result<Replayed, StorageError> {
+/// Sector size assumed for torn writes: a sector is written whole or not.
+const SECTOR_BYTES: usize = 512;
+
+/// Whether the bad record at `at` looks like a write torn by a crash rather
+/// than damage: segments are zero-filled before use, so a record that did
+/// not fully reach the disk has a sector-sized piece still all zeros
+/// (etcd's WAL uses the same test). Pieces under 8 bytes do not count
+/// (record bytes may be zeros). A length past the end of the file is judged
+/// on the header alone.
+fn is_torn(bytes: &[u8], at: usize) -> bool {
+    let header_end = (at + RECORD_HEADER_BYTES).min(bytes.len());
+    let (end, piece_min) = if header_end - at < RECORD_HEADER_BYTES {
+        (header_end, 1)
+    } else {
+        let len = le_u32(bytes, at) as usize;
+        match (header_end + len <= bytes.len(), len) {
+            (true, _) => (header_end + len, 8),
+            (false, _) => (header_end, 1),
+        }
+    };
+    let mut chunk = at - at % SECTOR_BYTES;
+    while chunk < end {
+        let lo = chunk.max(at);
+        let hi = (chunk + SECTOR_BYTES).min(end);
+        if hi - lo >= piece_min && bytes[lo..hi].iter().all(|&b| b == 0) {
+            return true;
+        }
+        chunk += SECTOR_BYTES;
+    }
+    false
+}
+
+/// Records numbered from here on are refused: a sequence this high means a
+/// damaged or forged file name (a store appends far fewer records).
+const SEQ_MAX: u64 = u64::MAX / 2;
+
+/// Loads the newest image and replays the segments after it. With
+/// `repair`, deletes what crashes and checkpoints left behind (temporary
+/// files, files an image made obsolete); without, touches nothing.
+fn replay(dir: &Path, repair: bool) -> Result<Replayed, StorageError> {
     let mut images = Vec::new();
     let mut segments = Vec::new();
     for entry in std::fs::read_dir(dir)? {
@@ -682,10 +774,16 @@ fn replay(dir: &Path) -> Result<Replayed, StorageError> {
             images.push(seq);
         } else if let Some(start) = parse_numbered(name, "wal-", ".log") {
             segments.push(start);
-        } else if name.ends_with(TMP_SUFFIX) {
+        } else if name.ends_with(TMP_SUFFIX) && repair {
             // An image or segment a crash interrupted before its rename.
             std::fs::remove_file(dir.join(name))?;
         }
+    }
+    if let Some(&seq) = images.iter().chain(&segments).find(|&&seq| seq >= SEQ_MAX) {
+        return Err(corrupt(
+            &format!("numbered {seq}"),
+            "a record number beyond any a store reaches",
+        ));
     }
     images.sort_unstable();
     segments.sort_unstable();
@@ -696,12 +794,14 @@ fn replay(dir: &Path) -> Result<Replayed, StorageError> {
         }
         None => (0, MemDisk::new(), 0),
     };
-    // Files a checkpoint made obsolete but a crash left behind.
-    for &old in images.iter().filter(|&&seq| seq < image_seq) {
-        std::fs::remove_file(dir.join(image_name(old)))?;
-    }
-    for &old in segments.iter().filter(|&&start| start <= image_seq) {
-        std::fs::remove_file(dir.join(segment_name(old)))?;
+    if repair {
+        // Files a checkpoint made obsolete but a crash left behind.
+        for &old in images.iter().filter(|&&seq| seq < image_seq) {
+            std::fs::remove_file(dir.join(image_name(old)))?;
+        }
+        for &old in segments.iter().filter(|&&start| start <= image_seq) {
+            std::fs::remove_file(dir.join(segment_name(old)))?;
+        }
     }
     segments.retain(|&start| start > image_seq);
     let backend = MemBackend::on(disk.clone());
@@ -727,11 +827,11 @@ fn replay(dir: &Path) -> Result<Replayed, StorageError> {
                     at = next;
                 }
                 Read::End => break,
-                Read::Bad(detail) if newest => {
+                Read::Bad(detail) if newest && is_torn(&bytes, at) => {
                     tracing::warn!(
                         file = %name,
                         %detail,
-                        dropped_bytes = bytes.len() - at,
+                        offset = at,
                         "the newest write-ahead-log segment ends in a torn write; its tail is dropped"
                     );
                     break;
@@ -775,78 +875,135 @@ impl Wal {
         }
         let mut writer = self.lock_writer();
         if writer.failed {
-            return Err(StorageError::Io(std::io::Error::other(
-                "an earlier write-ahead-log write failed; reopen the store",
-            )));
+            return Err(failed_error());
         }
         if self.durable_seq.load(Ordering::Acquire) >= target {
             return Ok(());
         }
-        let mut result = self.write_pending(&mut writer, None);
-        if result.is_ok() && writer.offset >= self.segment_bytes {
-            result = self.next_segment(&mut writer);
-        }
-        if result.is_err() {
+        let (buf, last) = self.take_pending(&mut writer, None);
+        let result = self.write(&mut writer, buf, last);
+        if let Err(error) = result {
             writer.failed = true;
+            self.broken.store(true, Ordering::Release);
+            return Err(error);
         }
-        result
+        if writer.offset >= writer.move_at {
+            self.next_segment(&mut writer)?;
+        }
+        Ok(())
     }
 
-    /// Writes what is pending and syncs it. `pending` is the buffer's guard
-    /// when the caller holds it already.
-    fn write_pending(
-        &self,
-        writer: &mut Writer,
-        pending: Option<&mut Pending>,
-    ) -> Result<(), StorageError> {
+    /// Takes the pending records (from `pending`, the buffer's guard, when
+    /// the caller holds it) and the number of the last one.
+    fn take_pending(&self, writer: &mut Writer, pending: Option<&mut Pending>) -> (Vec<u8>, u64) {
         let mut buf = std::mem::take(&mut writer.buffer);
-        let last = match pending {
-            Some(pending) => {
-                std::mem::swap(&mut buf, &mut pending.buf);
-                pending.next_seq - 1
-            }
+        let mut guard;
+        let pending = match pending {
+            Some(pending) => pending,
             None => {
-                let mut pending = self.lock_pending();
-                std::mem::swap(&mut buf, &mut pending.buf);
-                pending.next_seq - 1
+                guard = self.lock_pending();
+                &mut *guard
             }
         };
+        std::mem::swap(&mut buf, &mut pending.buf);
+        (buf, pending.next_seq - 1)
+    }
+
+    /// Writes `buf` (records up to number `last`) at the end of the segment
+    /// and syncs it.
+    fn write(&self, writer: &mut Writer, mut buf: Vec<u8>, last: u64) -> Result<(), StorageError> {
         if !buf.is_empty() {
-            writer.segment.write_all_at(&buf, writer.offset)?;
+            let Some(segment) = &writer.segment else {
+                return Err(StorageError::Io(std::io::Error::other(
+                    "the store was opened without create_if_missing: it is read-only",
+                )));
+            };
+            segment.write_all_at(&buf, writer.offset)?;
+            segment.sync_data()?;
             writer.offset += buf.len() as u64;
             writer.log_bytes += buf.len() as u64;
-            writer.segment.sync_data()?;
         }
         self.durable_seq.store(last, Ordering::Release);
         buf.clear();
+        if buf.capacity() > BUFFER_KEEP_BYTES_MAX {
+            // One large batch (a snapshot) must not pin its size for good.
+            buf = Vec::new();
+        }
         writer.buffer = buf;
         Ok(())
     }
 
     /// Moves the log to a new segment, with a checkpoint when the log after
-    /// the last image has grown enough and no image is being written.
+    /// the last image has grown enough and no image is being written. Only
+    /// a failed write of records is fatal: anything else (no space for the
+    /// new segment, no thread) leaves the log in the current segment, which
+    /// grows, and the move is tried again a segment later.
     fn next_segment(&self, writer: &mut Writer) -> Result<(), StorageError> {
+        let idle = self.image_written(writer);
         let threshold = self.checkpoint_bytes_min.max(2 * writer.image_bytes);
-        let checkpoint = writer.log_bytes >= threshold && self.image_written(writer);
-        let mut pending = self.lock_pending();
-        // Everything before the new segment goes to the old one, synced.
-        self.write_pending(writer, Some(&mut pending))?;
-        let start = pending.next_seq;
-        // Taken under the lock that orders records: exactly records < start.
-        let image = checkpoint.then(|| self.disk.fork());
-        let file = match writer.next_segment.take() {
+        let checkpoint = idle && writer.log_bytes >= threshold;
+        // The boundary: records before `start` go to the old segment, and the
+        // fork (under the lock that orders records) holds exactly those.
+        let (buf, start, image) = {
+            let mut pending = self.lock_pending();
+            let (buf, last) = self.take_pending(writer, Some(&mut pending));
+            let image = checkpoint.then(|| self.disk.fork());
+            (buf, last + 1, image)
+        };
+        if let Err(error) = self.write(writer, buf, start - 1) {
+            writer.failed = true;
+            self.broken.store(true, Ordering::Release);
+            return Err(error);
+        }
+        match self.install_next_segment(writer, start) {
+            Ok(file) => {
+                writer.segment = Some(file);
+                writer.offset = 0;
+                writer.move_at = self.segment_bytes;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot start a new write-ahead-log segment; the current one grows");
+                writer.move_at = writer.offset + self.segment_bytes;
+                return Ok(());
+            }
+        }
+        self.prepare_next_segment(writer);
+        if let Some(image) = image {
+            let seq = start - 1;
+            let dir = self.dir.clone();
+            let spawned = std::thread::Builder::new()
+                .name("raftkv-wal-checkpoint".into())
+                .spawn(move || {
+                    let bytes = write_image(&dir, seq, image)?;
+                    remove_older(&dir, seq)?;
+                    tracing::debug!(seq, bytes, "write-ahead-log checkpoint written");
+                    Ok(bytes)
+                });
+            match spawned {
+                Ok(handle) => {
+                    writer.checkpoint = Some(handle);
+                    writer.log_bytes = 0;
+                }
+                Err(error) => tracing::warn!(%error, "cannot start the checkpoint thread"),
+            }
+        }
+        Ok(())
+    }
+
+    /// The zero-filled spare renamed to `wal-<start>.log` when it is ready,
+    /// else a new `fallocate`d file.
+    fn install_next_segment(&self, writer: &mut Writer, start: u64) -> Result<File, StorageError> {
+        let spare = match writer.next_segment.take() {
             Some(prepared) if prepared.is_finished() => match prepared.join() {
-                Ok(Ok(file)) => Some(install_segment(
-                    &self.dir,
-                    &self.dir.join(SPARE_SEGMENT),
-                    start,
-                    file,
-                )?),
+                Ok(Ok(file)) => Some(file),
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "zero-filling the next write-ahead-log segment failed");
                     None
                 }
-                Err(panic) => std::panic::resume_unwind(panic),
+                Err(_) => {
+                    tracing::warn!("the write-ahead-log segment thread panicked");
+                    None
+                }
             },
             running => {
                 // Still writing zeros: leave it for the next segment.
@@ -854,30 +1011,10 @@ impl Wal {
                 None
             }
         };
-        let file = match file {
-            Some(file) => file,
-            None => create_segment(&self.dir, start, self.segment_bytes)?,
-        };
-        writer.segment = file;
-        writer.offset = 0;
-        drop(pending);
-        self.prepare_next_segment(writer);
-        if let Some(image) = image {
-            let seq = start - 1;
-            writer.log_bytes = 0;
-            let dir = self.dir.clone();
-            let handle = std::thread::Builder::new()
-                .name("raftkv-wal-checkpoint".into())
-                .spawn(move || {
-                    let bytes = write_image(&dir, seq, image)?;
-                    remove_older(&dir, seq)?;
-                    tracing::debug!(seq, bytes, "write-ahead-log checkpoint written");
-                    Ok(bytes)
-                })
-                .map_err(StorageError::Io)?;
-            writer.checkpoint = Some(handle);
+        match spare {
+            Some(file) => install_segment(&self.dir, &self.dir.join(SPARE_SEGMENT), start, file),
+            None => create_segment(&self.dir, start, self.segment_bytes),
         }
-        Ok(())
     }
 
     /// Whether no image is being written (collecting the last one's result).
@@ -895,16 +1032,17 @@ impl Wal {
                     Ok(Err(error)) => {
                         tracing::warn!(%error, "writing a write-ahead-log checkpoint failed; will retry");
                     }
-                    Err(panic) => std::panic::resume_unwind(panic),
+                    Err(_) => tracing::warn!("the write-ahead-log checkpoint thread panicked"),
                 }
                 true
             }
         }
     }
 
-    /// Starts zero-filling the next segment, unless that already runs.
+    /// Starts zero-filling the next segment, unless that already runs (or
+    /// the store is read-only).
     fn prepare_next_segment(&self, writer: &mut Writer) {
-        if writer.next_segment.is_some() {
+        if writer.next_segment.is_some() || writer.segment.is_none() {
             return;
         }
         let path = self.dir.join(SPARE_SEGMENT);
@@ -922,6 +1060,15 @@ impl Wal {
     /// Waits for the helper threads (a store being dropped).
     fn finish_threads(&self) {
         let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.image_written_blocking(&mut writer);
+        if let Some(running) = writer.next_segment.take() {
+            let _ = running.join();
+            // Recovery would delete it too.
+            let _ = std::fs::remove_file(self.dir.join(SPARE_SEGMENT));
+        }
+    }
+
+    fn image_written_blocking(&self, writer: &mut Writer) {
         if let Some(running) = writer.checkpoint.take() {
             match running.join() {
                 Ok(Ok(bytes)) => writer.image_bytes = bytes,
@@ -931,12 +1078,13 @@ impl Wal {
                 Err(_) => tracing::error!("the write-ahead-log checkpoint thread panicked"),
             }
         }
-        if let Some(running) = writer.next_segment.take() {
-            let _ = running.join();
-            // Recovery would delete it too.
-            let _ = std::fs::remove_file(self.dir.join(SPARE_SEGMENT));
-        }
     }
+}
+
+fn failed_error() -> StorageError {
+    StorageError::Io(std::io::Error::other(
+        "an earlier write-ahead-log write failed; reopen the store",
+    ))
 }
 
 /// Deletes the images before `seq` and the segments it covers.
@@ -996,6 +1144,9 @@ impl Backend for WalBackend {
         if batch.len() == 0 {
             return Ok(());
         }
+        if self.wal.broken.load(Ordering::Acquire) {
+            return Err(failed_error());
+        }
         let mut pending = self.wal.lock_pending();
         let seq = pending.next_seq;
         encode_record(&mut pending.buf, seq, &batch)?;
@@ -1051,6 +1202,29 @@ mod tests {
         names
     }
 
+    /// Puts `key` = 600 bytes of `value`: a record longer than a sector.
+    fn put_long(store: &Store, key: &str, value: u8, version: u64) {
+        let mut batch = WriteBatch::new();
+        batch.kv_put(0, key.to_owned(), vec![value; 600], version);
+        store.commit(batch).expect("commit");
+    }
+
+    /// What a crash leaves of the record at `at` when only its first sector
+    /// reached the disk: the rest of it still zeros.
+    fn tear(bytes: &mut [u8], at: usize) {
+        let end = at + RECORD_HEADER_BYTES + le_u32(bytes, at) as usize;
+        let boundary = (at / SECTOR_BYTES + 1) * SECTOR_BYTES;
+        assert!(boundary + 8 <= end, "the record crosses a sector boundary");
+        bytes[boundary..end].fill(0);
+    }
+
+    /// The segment files.
+    fn segments(dir: &Path) -> Vec<String> {
+        let mut names = files(dir, "wal-");
+        names.retain(|name| name.ends_with(".log"));
+        names
+    }
+
     /// Offsets of the records in a segment.
     fn record_offsets(bytes: &[u8]) -> Vec<usize> {
         let mut offsets = Vec::new();
@@ -1101,42 +1275,39 @@ mod tests {
         {
             let store = Store::open_with(dir.path(), &config(64 << 20)).expect("open");
             for i in 1..=5u8 {
-                put(&store, "k", i, u64::from(i));
+                put_long(&store, "k", i, u64::from(i));
             }
         }
-        let segment = dir.path().join(&files(dir.path(), "wal-")[0]);
+        let segment = dir.path().join(&segments(dir.path())[0]);
         let mut bytes = std::fs::read(&segment).expect("read");
         let offsets = record_offsets(&bytes);
         assert_eq!(offsets.len(), 6, "the format marker and five puts");
-        // Tear the fourth record (version 3): flip a payload byte.
-        bytes[offsets[3] + RECORD_HEADER_BYTES + 2] ^= 0xff;
+        // The fourth record (version 3) torn; 4 and 5 made it to the disk
+        // (one flush, its pages written out of order).
+        tear(&mut bytes, offsets[3]);
         std::fs::write(&segment, &bytes).expect("write");
         {
             let store = Store::open_with(dir.path(), &config(64 << 20)).expect("reopen");
             assert_eq!(value(&store, "k"), Some((2, 2)), "records 3..5 dropped");
             // Same length as the torn record: the old version 4 would follow it.
-            put(&store, "k", 9, 3);
+            put_long(&store, "k", 9, 3);
         }
         let store = Store::open_with(dir.path(), &config(64 << 20)).expect("reopen");
         assert_eq!(value(&store, "k"), Some((9, 3)));
     }
 
     #[test]
-    fn a_half_written_header_ends_the_log() {
+    fn a_record_torn_after_its_first_sector_ends_the_log() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let store = Store::open_with(dir.path(), &config(64 << 20)).expect("open");
-            put(&store, "a", 1, 1);
-            put(&store, "b", 2, 1);
+            put_long(&store, "a", 1, 1);
+            put_long(&store, "b", 2, 1);
         }
-        let segment = dir.path().join(&files(dir.path(), "wal-")[0]);
+        let segment = dir.path().join(&segments(dir.path())[0]);
         let mut bytes = std::fs::read(&segment).expect("read");
         let offsets = record_offsets(&bytes);
-        let last = offsets[2];
-        // Only the first 6 bytes of the last record reached the disk.
-        for b in &mut bytes[last + 6..] {
-            *b = 0;
-        }
+        tear(&mut bytes, offsets[2]);
         std::fs::write(&segment, &bytes).expect("write");
         let store = Store::open_with(dir.path(), &config(64 << 20)).expect("reopen");
         assert_eq!(value(&store, "a"), Some((1, 1)));
@@ -1202,42 +1373,55 @@ mod tests {
         );
     }
 
-    /// A crash after a checkpoint's new segment was created but before its
-    /// image was renamed into place: the older image and segments still hold
-    /// everything.
+    /// A crash in the middle of a second checkpoint: its new segment exists,
+    /// its image is half-written under the temporary name. The first image
+    /// and every segment after it still hold everything.
     #[test]
     fn an_interrupted_checkpoint_recovers_from_the_older_files() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open_with(dir.path(), &config(64 << 20)).expect("open");
-        for i in 0..10u64 {
-            put(&store, "k", i as u8, i + 1);
-        }
         let StoreBackend::Wal(backend) = store.engine.backend() else {
             panic!("a wal store")
         };
-        {
-            // The first half of a checkpoint: a new segment at the next record.
-            let mut writer = backend.wal.writer.lock().expect("writer");
+        // A checkpoint by hand: a new segment, then the image before it.
+        let checkpoint = |complete: bool| {
+            let mut writer = backend.wal.lock_writer();
             let pending = backend.wal.lock_pending();
             let next = pending.next_seq;
+            let image = backend.wal.disk.fork();
             drop(pending);
-            writer.segment = create_segment(dir.path(), next, 4096).expect("segment");
+            writer.segment = Some(create_segment(dir.path(), next, 4096).expect("segment"));
             writer.offset = 0;
+            if complete {
+                write_image(dir.path(), next - 1, image).expect("image");
+                remove_older(dir.path(), next - 1).expect("remove");
+            } else {
+                let tmp = format!("{}{TMP_SUFFIX}", image_name(next - 1));
+                std::fs::write(dir.path().join(tmp), b"half").expect("a half-written image");
+            }
+        };
+        for i in 0..10u64 {
+            put(&store, "k", i as u8, i + 1);
         }
-        put(&store, "k", 77, 11);
+        checkpoint(true);
+        put(&store, "k", 50, 11);
+        put(&store, "j", 51, 1);
+        checkpoint(false);
+        put(&store, "k", 77, 12);
         drop(store);
-        std::fs::write(
-            dir.path().join("image-00000000000000000011.img.tmp"),
-            b"half",
-        )
-        .expect("a half-written image");
-        let store = Store::open_with(dir.path(), &config(64 << 20)).expect("reopen");
-        assert_eq!(value(&store, "k"), Some((77, 11)));
-        assert!(
-            files(dir.path(), "image-").is_empty(),
-            "the temporary image is gone"
+        assert_eq!(
+            files(dir.path(), "image-").len(),
+            2,
+            "one image and a temporary one"
         );
-        assert_eq!(files(dir.path(), "wal-").len(), 2);
+        assert_eq!(segments(dir.path()).len(), 2);
+        let store = Store::open_with(dir.path(), &config(64 << 20)).expect("reopen");
+        assert_eq!(value(&store, "k"), Some((77, 12)));
+        assert_eq!(value(&store, "j"), Some((51, 1)));
+        let images = files(dir.path(), "image-");
+        assert_eq!(images.len(), 1, "the temporary image is gone: {images:?}");
+        assert!(images[0].ends_with(".img"));
+        assert_eq!(segments(dir.path()).len(), 2);
     }
 
     #[test]
@@ -1297,5 +1481,193 @@ mod tests {
         drop(store);
         let store = Store::open_with(dir.path(), &config).expect("reopen");
         assert_eq!(value(&store, "k"), Some((5, 1)));
+    }
+
+    /// A flipped bit in an old record of the newest segment is no torn
+    /// write (no zeroed sector): the open fails and the file keeps them all.
+    #[test]
+    fn a_bit_flip_in_the_newest_segment_is_corruption_not_a_torn_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open_with(dir.path(), &config(64 << 20)).expect("open");
+            for i in 1..=50u8 {
+                put(&store, &format!("k{i}"), i, u64::from(i));
+            }
+        }
+        let segment = dir.path().join(&segments(dir.path())[0]);
+        let mut bytes = std::fs::read(&segment).expect("read");
+        let offsets = record_offsets(&bytes);
+        assert_eq!(offsets.len(), 51);
+        bytes[offsets[5] + RECORD_HEADER_BYTES + 3] ^= 0x01;
+        std::fs::write(&segment, &bytes).expect("write");
+        let error = Store::open_with(dir.path(), &config(64 << 20)).expect_err("corrupt");
+        assert!(
+            matches!(&error, StorageError::Corruption { detail, .. } if detail.contains("checksum")),
+            "{error}"
+        );
+        let after = std::fs::read(&segment).expect("read");
+        assert_eq!(record_offsets(&after).len(), 51, "nothing was cut");
+    }
+
+    /// Failing to start a new segment (no space, say) is not a failed write:
+    /// the log stays in the current segment and every commit succeeds.
+    #[test]
+    fn a_segment_that_cannot_be_created_fails_no_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open_with(dir.path(), &config(1024)).expect("open");
+        // Directories where the next segments and their temporary files go.
+        let blockers: Vec<PathBuf> = (2..400u64)
+            .flat_map(|n| {
+                let name = segment_name(n);
+                [
+                    dir.path().join(&name),
+                    dir.path().join(format!("{name}{TMP_SUFFIX}")),
+                ]
+            })
+            .collect();
+        for blocker in &blockers {
+            std::fs::create_dir(blocker).expect("block");
+        }
+        for i in 0..200u64 {
+            put(&store, "k", i as u8, i + 1);
+        }
+        assert_eq!(files(dir.path(), "image-").len(), 0);
+        drop(store);
+        for blocker in &blockers {
+            std::fs::remove_dir(blocker).expect("unblock");
+        }
+        let store = Store::open_with(dir.path(), &config(1024)).expect("reopen");
+        assert_eq!(value(&store, "k"), Some((199, 200)));
+    }
+
+    /// A large flush (a snapshot) does not keep its buffer size for good.
+    #[test]
+    fn the_write_buffers_shrink_after_a_large_flush() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open_with(dir.path(), &config(1 << 30)).expect("open");
+        let mut batch = WriteBatch::new();
+        batch.kv_put(0, "big".to_owned(), vec![7u8; 16 << 20], 1);
+        store.commit(batch).expect("commit");
+        for i in 0..10u64 {
+            put(&store, "small", 1, i + 1);
+        }
+        let StoreBackend::Wal(backend) = store.engine.backend() else {
+            panic!("a wal store")
+        };
+        let held =
+            backend.wal.lock_pending().buf.capacity() + backend.wal.lock_writer().buffer.capacity();
+        assert!(
+            held < 1 << 20,
+            "{held} bytes of buffer kept after the big flush"
+        );
+    }
+
+    /// In background mode a failed flush fails the commits after it: none
+    /// is accepted that can no longer become durable.
+    #[test]
+    fn a_failed_background_flush_fails_later_commits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = StoreConfig {
+            flush_mode: crate::storage::FlushMode::Background { every_ms: 1 },
+            ..config(1 << 20)
+        };
+        let store = Store::open_with(dir.path(), &config).expect("open");
+        put(&store, "k", 1, 1);
+        let StoreBackend::Wal(backend) = store.engine.backend() else {
+            panic!("a wal store")
+        };
+        {
+            // A segment that cannot be written: every write fails (EBADF).
+            let segment = dir.path().join(&segments(dir.path())[0]);
+            let mut writer = backend.wal.lock_writer();
+            writer.segment = Some(File::open(segment).expect("read-only handle"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut version = 2;
+        loop {
+            let mut batch = WriteBatch::new();
+            batch.kv_put(0, "k".to_owned(), vec![2; 32], version);
+            if store.commit(batch).is_err() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "commits kept succeeding");
+            version += 1;
+            std::thread::park_timeout(Duration::from_millis(1));
+        }
+        assert!(store.kv_get(0, b"k").is_err(), "the store is poisoned");
+    }
+
+    /// An open without `create_if_missing` (`raftkv inspect`) changes nothing.
+    #[test]
+    fn an_open_without_create_writes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open_with(dir.path(), &config(1 << 20)).expect("open");
+            put(&store, "k", 3, 1);
+        }
+        std::fs::write(dir.path().join("image-00000000000000000007.img.tmp"), b"x").expect("tmp");
+        let segment = dir.path().join(&segments(dir.path())[0]);
+        // A torn tail a writable open would cut.
+        let mut bytes = std::fs::read(&segment).expect("read");
+        let end = record_offsets(&bytes)
+            .last()
+            .map(|&at| at + RECORD_HEADER_BYTES + le_u32(&bytes, at) as usize)
+            .expect("records");
+        // A header whose payload never reached the disk.
+        bytes[end..end + 4].copy_from_slice(&600u32.to_le_bytes());
+        bytes[end + 4..end + 8].copy_from_slice(&[1, 2, 3, 4]);
+        std::fs::write(&segment, &bytes).expect("write");
+        let listing = |dir: &Path| -> Vec<(String, u64)> {
+            files(dir, "")
+                .into_iter()
+                .map(|name| {
+                    let len = std::fs::metadata(dir.join(&name)).expect("meta").len();
+                    (name, len)
+                })
+                .collect()
+        };
+        let before = listing(dir.path());
+        let read_only = StoreConfig {
+            create_if_missing: false,
+            ..config(1 << 20)
+        };
+        let store = Store::open_with(dir.path(), &read_only).expect("open read-only");
+        assert_eq!(value(&store, "k"), Some((3, 1)));
+        let error = {
+            let mut batch = WriteBatch::new();
+            batch.kv_put(0, "k".to_owned(), vec![4; 32], 2);
+            store.commit(batch).expect_err("read-only")
+        };
+        assert!(error.to_string().contains("read-only"), "{error}");
+        drop(store);
+        assert_eq!(listing(dir.path()), before);
+        assert_eq!(std::fs::read(&segment).expect("read"), bytes);
+    }
+
+    /// Record numbers near `u64::MAX` in file names are refused, not wrapped.
+    #[test]
+    fn an_image_numbered_near_the_top_is_corruption() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(MARKER_FILE), MARKER_TEXT).expect("marker");
+        let mut image = Vec::new();
+        image.extend_from_slice(IMAGE_MAGIC);
+        image.extend_from_slice(&u64::MAX.to_le_bytes());
+        image.extend_from_slice(&0u64.to_le_bytes());
+        let crc = crc32fast::hash(&image);
+        image.extend_from_slice(&crc.to_le_bytes());
+        std::fs::write(dir.path().join(image_name(u64::MAX)), &image).expect("image");
+        let error = Store::open_with(dir.path(), &config(1 << 20)).expect_err("refused");
+        assert!(matches!(error, StorageError::Corruption { .. }), "{error}");
+    }
+
+    /// A crash while the marker was being written leaves a directory that a
+    /// creating open treats as empty.
+    #[test]
+    fn a_directory_with_only_the_marker_being_written_is_created_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(MARKER_TMP_FILE), b"raftkv wr").expect("half a marker");
+        let store = Store::open_with(dir.path(), &config(1 << 20)).expect("open");
+        put(&store, "k", 1, 1);
+        assert!(!dir.path().join(MARKER_TMP_FILE).exists());
     }
 }
