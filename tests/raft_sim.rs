@@ -8,13 +8,14 @@
 //! `cargo test --release --test raft_sim` runs the default seeds;
 //! `RAFTKV_SIM_SEEDS=N` runs N seeds, `RAFTKV_SIM_SEED=S` replays one.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use bytes::Bytes;
 use raftkv::NodeId;
 use raftkv::raft::{
-    Config, Entry, EntryKind, HardState, Message, PersistedState, RaftCore, Ready, Snapshot,
+    Config, Entry, EntryKind, HardState, Message, PersistToken, PersistedState, RaftCore, Ready,
+    Snapshot,
 };
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -61,9 +62,50 @@ struct Service {
     chain: u64,
 }
 
+/// A Ready whose persistence is still in flight (asynchronous persistence,
+/// what the driver does with a storage thread): lost if the node crashes.
+struct Unflushed {
+    persist: Persist,
+    /// Messages that may leave only once it is durable.
+    messages: Vec<Message>,
+    token: Option<PersistToken>,
+    /// The term before its first entry when it was taken; `None` when its
+    /// entries were registered already (they left the node).
+    previous_term: Option<u64>,
+}
+
+/// The persistence step of a Ready.
+#[derive(Default)]
+struct Persist {
+    snapshot: Option<Snapshot>,
+    log_truncate_from: Option<u64>,
+    entries: Vec<Entry>,
+    hard_state: Option<HardState>,
+}
+
+impl Persist {
+    fn take(ready: &mut Ready) -> Persist {
+        Persist {
+            snapshot: ready.snapshot.take(),
+            log_truncate_from: ready.log_truncate_from.take(),
+            entries: std::mem::take(&mut ready.entries),
+            hard_state: ready.hard_state.take(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.snapshot.is_none()
+            && self.log_truncate_from.is_none()
+            && self.entries.is_empty()
+            && self.hard_state.is_none()
+    }
+}
+
 struct Node {
     id: NodeId,
     core: Option<RaftCore>,
+    /// Readies handed to the (simulated) storage thread, oldest first.
+    unflushed: VecDeque<Unflushed>,
     durable: Durable,
     service: Service,
     seen_commit: u64,
@@ -109,6 +151,8 @@ struct Stats {
     crashes: u64,
     snapshots_installed: u64,
     service_snapshots: u64,
+    /// Readies persisted after later Readies were taken (asynchronous runs).
+    delayed_persists: u64,
     reads_confirmed: u64,
     truncations: u64,
     messages: u64,
@@ -121,6 +165,7 @@ impl Stats {
         self.terms += other.terms;
         self.crashes += other.crashes;
         self.snapshots_installed += other.snapshots_installed;
+        self.delayed_persists += other.delayed_persists;
         self.service_snapshots += other.service_snapshots;
         self.reads_confirmed += other.reads_confirmed;
         self.truncations += other.truncations;
@@ -148,6 +193,11 @@ struct Sim {
     faults: Faults,
     proposals: u64,
     stats: Stats,
+    /// Persist like a driver with a storage thread: Readies are advanced at
+    /// once and made durable later, in order, some at a time.
+    asynchronous: bool,
+    /// Flush every Ready in flight before taking the next (after healing).
+    flush_all: bool,
 }
 
 impl Sim {
@@ -229,11 +279,16 @@ impl Sim {
             faults,
             proposals: 0,
             stats: Stats::default(),
+            // Half the seeds of each test (drawn from the seed, not the
+            // generator, so the others replay as before).
+            asynchronous: (seed / 2) % 2 == 1,
+            flush_all: false,
         };
         for id in voters {
             sim.nodes.push(Node {
                 id,
                 core: None,
+                unflushed: VecDeque::new(),
                 durable: Durable::default(),
                 service: Service::default(),
                 seen_commit: 0,
@@ -269,6 +324,8 @@ impl Sim {
     fn crash(&mut self, slot: usize) {
         self.stats.crashes += 1;
         self.nodes[slot].core = None;
+        // What the storage thread had not flushed is lost.
+        self.nodes[slot].unflushed.clear();
         self.nodes[slot].reads.clear();
     }
 
@@ -396,6 +453,9 @@ impl Sim {
     // ----- the Ready cycle -----------------------------------------------
 
     fn process_ready(&mut self, slot: usize) {
+        if self.asynchronous {
+            return self.process_ready_async(slot);
+        }
         let crash_point = if self.rng.random_bool(self.faults.crash_in_ready) {
             Some(self.rng.random_range(0..3))
         } else {
@@ -433,7 +493,8 @@ impl Sim {
         if !registered {
             self.register_entries(slot, &ready);
         }
-        self.persist(slot, &ready);
+        let persist = Persist::take(&mut ready);
+        self.persist(slot, &persist);
         if crash_point == Some(1) {
             return self.crash(slot);
         }
@@ -448,16 +509,114 @@ impl Sim {
         self.check();
     }
 
+    /// The driver with a storage thread: first the storage thread finishes
+    /// some of the Readies in flight (in order), then the next Ready is
+    /// taken, its early messages sent, its persistence queued behind the
+    /// others with the rest of its messages, its entries applied, and the
+    /// core advanced before anything of it is durable.
+    fn process_ready_async(&mut self, slot: usize) {
+        if self.nodes[slot].core.is_none() {
+            return;
+        }
+        let waiting = self.nodes[slot].unflushed.len();
+        if waiting > 0 && (self.flush_all || self.rng.random_bool(0.5)) {
+            let count = if self.flush_all {
+                waiting
+            } else {
+                self.rng.random_range(1..=waiting)
+            };
+            for _ in 0..count {
+                let done = self.nodes[slot]
+                    .unflushed
+                    .pop_front()
+                    .expect("a Ready in flight");
+                if !self.nodes[slot].unflushed.is_empty() || count < waiting {
+                    self.stats.delayed_persists += 1;
+                }
+                if let Some(previous_term) = done.previous_term {
+                    // The entries exist now that they are durable (a node that
+                    // crashes before may reuse their positions: nobody saw
+                    // them, not even its own disk).
+                    self.register(slot, &done.persist.entries, previous_term);
+                }
+                self.persist(slot, &done.persist);
+                for message in done.messages {
+                    self.send(message);
+                }
+                let core = self.nodes[slot].core.as_mut().expect("live");
+                core.persisted(done.token.expect("advanced"));
+                self.check();
+            }
+        }
+        if self.rng.random_bool(self.faults.crash_in_ready) {
+            return self.crash(slot);
+        }
+        let core = self.nodes[slot].core.as_mut().expect("live");
+        if !core.has_ready() {
+            return;
+        }
+        let mut ready = core.ready();
+        let mut previous_term = Some(self.previous_term(slot, &ready.entries));
+        if ready.hard_state.is_none() {
+            let (early, late): (Vec<_>, Vec<_>) = std::mem::take(&mut ready.messages)
+                .into_iter()
+                .partition(|message| message.may_precede_persistence());
+            ready.messages = late;
+            if !early.is_empty() {
+                // The entries exist once they leave the node.
+                self.register_entries(slot, &ready);
+                previous_term = None;
+            }
+            for message in early {
+                self.send(message);
+            }
+        }
+        let persist = Persist::take(&mut ready);
+        let messages = std::mem::take(&mut ready.messages);
+        let queued = !persist.is_empty() || !self.nodes[slot].unflushed.is_empty();
+        if queued {
+            self.nodes[slot].unflushed.push_back(Unflushed {
+                persist,
+                messages,
+                token: None,
+                previous_term,
+            });
+        } else {
+            for message in messages {
+                self.send(message);
+            }
+        }
+        self.apply(slot, &ready);
+        let core = self.nodes[slot].core.as_mut().expect("live");
+        let token = core.advance_unpersisted(ready);
+        if queued {
+            self.nodes[slot].unflushed.back_mut().expect("queued").token = Some(token);
+        } else {
+            // Nothing in flight and nothing to write: durable already.
+            core.persisted(token);
+        }
+        self.check();
+    }
+
     /// Log matching: an (index, term) pair fixes the entry and its predecessor's term.
     fn register_entries(&mut self, slot: usize, ready: &Ready) {
+        let previous_term = self.previous_term(slot, &ready.entries);
+        self.register(slot, &ready.entries, previous_term);
+    }
+
+    /// The term of the entry before `entries` in the node's log now.
+    fn previous_term(&self, slot: usize, entries: &[Entry]) -> u64 {
         let core = self.nodes[slot].core.as_ref().expect("live");
-        let Some(first) = ready.entries.first() else {
-            return;
-        };
-        let mut previous_term = core
-            .entry_term(first.index - 1)
-            .expect("entry before the unpersisted ones is known");
-        for entry in &ready.entries {
+        entries.first().map_or(0, |first| {
+            core.entry_term(first.index - 1)
+                .expect("entry before the unpersisted ones is known")
+        })
+    }
+
+    /// Records entries that exist (durable, or sent), `previous_term` being
+    /// the term before the first.
+    fn register(&mut self, slot: usize, entries: &[Entry], mut previous_term: u64) {
+        for entry in entries {
             let value = (entry.kind, entry.data.clone(), previous_term);
             let known = self
                 .oracle
@@ -473,7 +632,7 @@ impl Sim {
         }
     }
 
-    fn persist(&mut self, slot: usize, ready: &Ready) {
+    fn persist(&mut self, slot: usize, ready: &Persist) {
         let durable = &mut self.nodes[slot].durable;
         if let Some(snapshot) = &ready.snapshot {
             let index = snapshot.meta.last_included_index;
@@ -726,6 +885,7 @@ impl Sim {
 
     fn heal(&mut self) {
         self.cut.clear();
+        self.flush_all = true;
         self.faults = Faults {
             drop: 0.0,
             duplicate: 0.0,
@@ -838,6 +998,12 @@ fn run_seeds(seeds: impl Iterator<Item = u64>) {
         runs += 1;
     }
     eprintln!("{runs} seeds passed; totals: {total:?}");
+    if runs >= 8 {
+        assert!(
+            total.delayed_persists > 0,
+            "no run persisted a Ready after a later one was taken: {total:?}"
+        );
+    }
 }
 
 fn env_u64(name: &str) -> Option<u64> {

@@ -59,6 +59,16 @@ struct IncomingSnapshot {
     data: Vec<u8>,
 }
 
+/// What [`RaftCore::advance_unpersisted`] returns: the end of the log when
+/// the `Ready` was taken, to hand back to [`RaftCore::persisted`] once the
+/// `Ready` is durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use = "hand the token to RaftCore::persisted once the Ready is durable"]
+pub struct PersistToken {
+    index: u64,
+    term: u64,
+}
+
 /// The Raft protocol core of one node. See the [module docs](crate::raft)
 /// for the driving loop and [`Ready`] for the durability contract.
 #[derive(Debug)]
@@ -489,6 +499,47 @@ impl RaftCore {
         self.log.persisted_to(last_index);
         if self.role == Role::Leader {
             self.maybe_commit();
+        }
+        self.assert_invariants();
+    }
+
+    /// Like [`advance`](Self::advance), for a driver that persists `ready`
+    /// in the background and goes on taking inputs and `Ready`s meanwhile
+    /// (etcd's asynchronous storage writes). Everything of the contract
+    /// holds except that step (1) may still be running: the driver must
+    /// persist `Ready`s in the order it took them, hold back the messages of
+    /// step (2) until this one is durable, and then hand the returned token
+    /// to [`persisted`](Self::persisted). Until then this node does not
+    /// count the Ready's entries as its own durable copies (a leader does not
+    /// count itself toward their commit).
+    pub fn advance_unpersisted(&mut self, ready: Ready) -> PersistToken {
+        let (number, last_index) = self
+            .pending_ready
+            .take()
+            .expect("advance() without a pending ready()");
+        assert_eq!(number, ready.number, "advance() with a different Ready");
+        let token = PersistToken {
+            index: last_index,
+            term: self.log.term(last_index).unwrap_or(0),
+        };
+        self.assert_invariants();
+        token
+    }
+
+    /// The `Ready` that [`advance_unpersisted`](Self::advance_unpersisted)
+    /// returned `token` for is durable (and so is every earlier one). Counts
+    /// its entries as durable unless the log has changed below its end since
+    /// (a conflicting append replaced them: those are the later `Ready`s'
+    /// to persist).
+    pub fn persisted(&mut self, token: PersistToken) {
+        self.assert_no_pending_ready();
+        let still_there =
+            token.index <= self.log.last_index() && self.log.term(token.index) == Some(token.term);
+        if still_there && token.index > self.log.persisted_last() {
+            self.log.persisted_to(token.index);
+            if self.role == Role::Leader {
+                self.maybe_commit();
+            }
         }
         self.assert_invariants();
     }

@@ -103,6 +103,33 @@ impl WriteBatch {
         self.ops.len()
     }
 
+    /// Appends `other`'s writes after this batch's: committing the result is
+    /// committing this batch and then `other`, as one atomic batch.
+    pub fn extend(&mut self, other: WriteBatch) {
+        self.ops.extend(other.ops);
+    }
+
+    /// Bytes of entry data, snapshot data, keys and values the batch carries
+    /// (a size estimate, without record overheads).
+    pub fn payload_bytes(&self) -> u64 {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                Op::Append { entries, .. } => {
+                    entries.iter().map(|e| e.data.len() as u64).sum::<u64>()
+                }
+                Op::InstallSnapshot { data, .. } => data.len() as u64,
+                Op::KvPut { key, value, .. } => (key.len() + value.value.len()) as u64,
+                Op::KvReplaceAll { entries, .. } => entries
+                    .iter()
+                    .map(|(key, value)| (key.len() + value.value.len()) as u64)
+                    .sum(),
+                Op::MrPut { key, value } => (key.len() + value.len()) as u64,
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// Whether no write was added.
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()

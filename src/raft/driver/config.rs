@@ -57,14 +57,17 @@ pub struct NodeConfig {
     ///
     /// [`Message::may_precede_persistence`]: crate::raft::Message::may_precede_persistence
     pub send_appends_before_persist: bool,
-    /// Run each storage commit on a dedicated OS thread of this node and
-    /// await it, so that during a flush the runtime keeps serving the
-    /// network and the service (acknowledgements and requests queue up and
-    /// go into the next `Ready`); the driver itself still waits for each
-    /// commit, so the persist-before-send contract is unchanged. For real
-    /// servers on a current-thread runtime, where a flush would otherwise
-    /// stall every task. Off by default: simulations need commits inline to
-    /// stay deterministic. Takes precedence over `block_in_place_for_storage`.
+    /// Run storage commits on a dedicated OS thread of this node and persist
+    /// asynchronously ([`RaftCore::advance_unpersisted`]): the driver hands
+    /// each `Ready`'s batch over and goes on taking inputs and `Ready`s; the
+    /// thread commits every batch queued at that moment as one (group commit
+    /// across `Ready`s), and each `Ready`'s messages leave only once it is
+    /// durable, so the persist-before-send contract holds. For real servers
+    /// on a current-thread runtime, where a flush would otherwise stall every
+    /// task. Off by default: simulations need commits inline to stay
+    /// deterministic. Takes precedence over `block_in_place_for_storage`.
+    ///
+    /// [`RaftCore::advance_unpersisted`]: crate::raft::RaftCore::advance_unpersisted
     pub storage_thread: bool,
 }
 

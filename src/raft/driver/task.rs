@@ -21,8 +21,8 @@ use super::types::{Apply, CommittedEntry, Metrics, RaftEnvelope, Status, StopRea
 use crate::NodeId;
 use crate::net::{Endpoint, Inbox};
 use crate::raft::{
-    Entry, EntryKind, MessageBody, ProposeError, RaftCore, ReadState, Ready, SnapshotError,
-    TransferError,
+    Entry, EntryKind, MessageBody, PersistToken, ProposeError, RaftCore, ReadState, Ready,
+    SnapshotError, TransferError,
 };
 use crate::storage::{GroupId, RaftLogStorage, StorageError, WriteBatch};
 
@@ -135,6 +135,7 @@ enum Input {
     ApplyClosed,
     Message(NodeId, RaftEnvelope),
     Proposal(Proposal),
+    Flushed(Option<Flushed>),
 }
 
 /// Outcome of waiting for the next input.
@@ -143,24 +144,66 @@ enum Event {
     Continue,
 }
 
-/// A storage commit handed to the node's storage thread.
-type FlushJob = (WriteBatch, oneshot::Sender<Result<(), StorageError>>);
+/// A `Ready`'s write batch handed to the node's storage thread, with the
+/// index the stored log must end at once it is committed.
+struct FlushJob {
+    batch: WriteBatch,
+    expected_last: u64,
+}
+
+/// The storage thread's answer for `jobs` consecutive jobs committed
+/// together (one commit, one flush).
+struct Flushed {
+    jobs: usize,
+    result: Result<(), StorageError>,
+}
+
+/// Jobs one commit takes together at most, and the payload bytes after
+/// which it takes no more.
+const MERGE_JOBS_MAX: usize = 64;
+const MERGE_BYTES_MAX: u64 = 4 << 20;
 
 /// The node's storage thread (`NodeConfig::storage_thread`): commits the
-/// batches it is sent, one at a time, in order.
+/// batches it is sent in order, every batch queued at that moment in one
+/// commit (group commit across `Ready`s), and answers each in order.
 struct StorageThread {
     jobs: Option<std::sync::mpsc::Sender<FlushJob>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl StorageThread {
-    fn start<S: RaftLogStorage + 'static>(storage: Arc<S>, id: NodeId) -> std::io::Result<Self> {
+    fn start<S: RaftLogStorage + 'static>(
+        storage: Arc<S>,
+        id: NodeId,
+        group: GroupId,
+        flushed: mpsc::UnboundedSender<Flushed>,
+    ) -> std::io::Result<Self> {
         let (jobs, queue) = std::sync::mpsc::channel::<FlushJob>();
         let thread = std::thread::Builder::new()
             .name(format!("raft-storage-{id}"))
             .spawn(move || {
-                while let Ok((batch, reply)) = queue.recv() {
-                    let _ = reply.send(storage.commit(batch));
+                while let Ok(first) = queue.recv() {
+                    let mut expected_last = first.expected_last;
+                    let mut bytes = first.batch.payload_bytes();
+                    let mut batch = first.batch;
+                    let mut jobs = 1;
+                    while jobs < MERGE_JOBS_MAX && bytes < MERGE_BYTES_MAX {
+                        let Ok(next) = queue.try_recv() else { break };
+                        bytes += next.batch.payload_bytes();
+                        batch.extend(next.batch);
+                        expected_last = next.expected_last;
+                        jobs += 1;
+                    }
+                    let result = storage.commit(batch);
+                    if result.is_ok() {
+                        let stored_last = storage.last_index(group);
+                        assert!(
+                            matches!(stored_last, Ok(last) if last == expected_last),
+                            "node {id}: stored log ends at {stored_last:?} after a commit, not at {expected_last}"
+                        );
+                    }
+                    // The driver is gone (stopping): nobody to tell.
+                    let _ = flushed.send(Flushed { jobs, result });
                 }
             })?;
         Ok(StorageThread {
@@ -169,6 +212,31 @@ impl StorageThread {
         })
     }
 }
+
+/// A `Ready` handed to the storage thread and not yet durable.
+struct InFlight {
+    /// From `advance_unpersisted`; `None` only until the Ready is advanced.
+    token: Option<PersistToken>,
+    /// Messages that may leave only once the Ready is durable.
+    messages: Vec<crate::raft::Message>,
+    installs_snapshot: bool,
+    /// Whether a job went to the storage thread for this Ready (a Ready with
+    /// nothing to write waits for the jobs before it).
+    job: bool,
+    started: std::time::Instant,
+}
+
+/// The next answer of the storage thread (`None`: it died). Never completes
+/// without a storage thread.
+async fn recv_flushed(flushed: &mut Option<mpsc::UnboundedReceiver<Flushed>>) -> Option<Flushed> {
+    match flushed {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `Ready`s in flight at most; then the driver waits for the disk.
+const IN_FLIGHT_MAX: usize = 256;
 
 impl Drop for StorageThread {
     fn drop(&mut self) {
@@ -187,8 +255,13 @@ impl Drop for StorageThread {
 pub(super) struct Driver<S> {
     core: RaftCore,
     storage: Arc<S>,
-    /// Commits go to this thread when `NodeConfig::storage_thread` is set.
+    /// Commits go to this thread when `NodeConfig::storage_thread` is set;
+    /// the driver then goes on while they run (asynchronous persistence).
     storage_thread: Option<StorageThread>,
+    /// The storage thread's answers.
+    flushed: Option<mpsc::UnboundedReceiver<Flushed>>,
+    /// Readies whose persistence runs on the storage thread, oldest first.
+    in_flight: VecDeque<InFlight>,
     group: GroupId,
     config: NodeConfig,
     endpoint: Endpoint,
@@ -219,21 +292,24 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
             tokio::runtime::RuntimeFlavor::MultiThread
         );
         let storage = Arc::new(storage);
-        let storage_thread = if config.storage_thread {
-            match StorageThread::start(storage.clone(), core.id()) {
-                Ok(thread) => Some(thread),
+        let (storage_thread, flushed) = if config.storage_thread {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            match StorageThread::start(storage.clone(), core.id(), config.group, sender) {
+                Ok(thread) => (Some(thread), Some(receiver)),
                 Err(error) => {
                     warn!(id = core.id(), %error, "cannot start the storage thread; committing inline");
-                    None
+                    (None, None)
                 }
             }
         } else {
-            None
+            (None, None)
         };
         Driver {
             core,
             storage,
             storage_thread,
+            flushed,
+            in_flight: VecDeque::new(),
             group: config.group,
             block_in_place: multi_thread && config.block_in_place_for_storage,
             config,
@@ -286,7 +362,9 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
                 Event::Continue => {}
             }
             // Group commit: everything already queued goes into the same Ready.
-            self.drain(inputs, paused);
+            if let Err(error) = self.drain(inputs, paused) {
+                return StopReason::StorageFailed(error.to_string());
+            }
             if let Err(error) = self.handle_readies().await {
                 return StopReason::StorageFailed(error.to_string());
             }
@@ -304,6 +382,9 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
         paused: bool,
     ) -> Event {
         let can_deliver = paused && !self.apply_receiver_gone;
+        // The disk is this far behind: take no new work until it catches up.
+        let paused = paused || self.in_flight.len() >= IN_FLIGHT_MAX;
+        let awaiting_disk = !self.in_flight.is_empty();
         let input = tokio::select! {
             biased;
             changed = inputs.stop.changed() => {
@@ -317,6 +398,7 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
                 Some(control) => Input::Control(control),
                 None => Input::Stop(StopReason::HandlesDropped),
             },
+            flushed = recv_flushed(&mut self.flushed), if awaiting_disk => Input::Flushed(flushed),
             _ = ticker.tick(), if !paused => Input::Tick,
             permit = self.apply.reserve(), if can_deliver => match permit {
                 Ok(permit) => {
@@ -346,16 +428,76 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
             Input::ApplyClosed => self.apply_receiver_dropped(),
             Input::Message(from, envelope) => self.on_message(from, envelope),
             Input::Proposal(proposal) => self.on_proposal(proposal),
+            Input::Flushed(flushed) => {
+                if let Err(error) = self.on_flushed(flushed) {
+                    return Event::Stop(StopReason::StorageFailed(error.to_string()));
+                }
+            }
         }
         Event::Continue
     }
 
+    /// The storage thread committed the oldest `jobs` jobs in flight: the
+    /// Readies up to the last of them are durable; send what they held back.
+    fn on_flushed(&mut self, flushed: Option<Flushed>) -> Result<(), StorageError> {
+        let Some(Flushed { jobs, result }) = flushed else {
+            // The thread died: only a panic inside a commit ends it.
+            self.raise_storage_thread_panic();
+        };
+        result?;
+        self.metrics.flushes += 1;
+        let mut left = jobs;
+        while left > 0 || self.in_flight.front().is_some_and(|f| !f.job) {
+            let done = self
+                .in_flight
+                .pop_front()
+                .expect("invariant: an answer for a job in flight");
+            if done.job {
+                left -= 1;
+            }
+            if done.installs_snapshot {
+                self.metrics.snapshots_installed += 1;
+            }
+            let took = done.started.elapsed();
+            if took >= SLOW_COMMIT {
+                self.metrics.slow_commits += 1;
+                warn!(
+                    id = self.core.id(),
+                    took_ms = took.as_millis() as u64,
+                    "slow storage commit (disk contention or a slow device)"
+                );
+            }
+            for message in done.messages {
+                self.send(message);
+            }
+            self.core.persisted(
+                done.token
+                    .expect("invariant: a Ready in flight was advanced"),
+            );
+        }
+        Ok(())
+    }
+
     /// Feeds every input already queued to the core, at most
     /// `inputs_per_ready_max` of them.
-    fn drain(&mut self, inputs: &mut Inputs, paused: bool) {
+    fn drain(&mut self, inputs: &mut Inputs, paused: bool) -> Result<(), StorageError> {
         let mut budget = self.config.inputs_per_ready_max;
+        let paused = paused || self.in_flight.len() >= IN_FLIGHT_MAX;
         while budget > 0 {
             let mut progressed = false;
+            if !self.in_flight.is_empty() {
+                if let Some(flushed) = self.flushed.as_mut() {
+                    match flushed.try_recv() {
+                        Ok(flushed) => {
+                            self.on_flushed(Some(flushed))?;
+                            budget -= 1;
+                            progressed = true;
+                        }
+                        Err(mpsc::error::TryRecvError::Disconnected) => self.on_flushed(None)?,
+                        Err(mpsc::error::TryRecvError::Empty) => {}
+                    }
+                }
+            }
             if let Ok(control) = inputs.control.try_recv() {
                 self.on_control(control);
                 budget -= 1;
@@ -381,6 +523,7 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
                 break;
             }
         }
+        Ok(())
     }
 
     fn on_message(&mut self, from: NodeId, envelope: RaftEnvelope) {
@@ -447,7 +590,7 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
     /// Hands every pending `Ready` through the contract: persist, send,
     /// queue for applying, answer reads, advance.
     async fn handle_readies(&mut self) -> Result<(), StorageError> {
-        while self.core.has_ready() {
+        while self.core.has_ready() && self.in_flight.len() < IN_FLIGHT_MAX {
             let ready = self.core.ready();
             self.handle_ready(ready).await?;
         }
@@ -477,24 +620,65 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
                 self.send(message);
             }
         }
-        if !batch.is_empty() {
-            self.commit(batch).await?;
-            self.metrics.flushes += 1;
-            if installs_snapshot {
-                self.metrics.snapshots_installed += 1;
+        let jobs = self
+            .storage_thread
+            .as_ref()
+            .and_then(|thread| thread.jobs.clone());
+        let asynchronous = if let Some(jobs) = jobs {
+            // 1+2 on the storage thread: the batch goes there and this Ready's
+            // other messages wait for it (or, with nothing to write, for the
+            // Readies still in flight, whose state they may report) in
+            // `in_flight`; the driver goes on meanwhile.
+            let job = !batch.is_empty();
+            if job {
+                let expected_last = self.core.last_index();
+                if jobs
+                    .send(FlushJob {
+                        batch,
+                        expected_last,
+                    })
+                    .is_err()
+                {
+                    self.raise_storage_thread_panic();
+                }
             }
-            let stored_last = self.storage.last_index(self.group)?;
-            assert_eq!(
-                stored_last,
-                self.core.last_index(),
-                "node {}: stored log does not end where the core's log ends after a commit",
-                self.core.id()
-            );
-        }
-        // 2. Send the rest, only now that the Ready is durable.
-        for message in std::mem::take(&mut ready.messages) {
-            self.send(message);
-        }
+            let messages = std::mem::take(&mut ready.messages);
+            if job || !self.in_flight.is_empty() {
+                self.in_flight.push_back(InFlight {
+                    token: None,
+                    messages,
+                    installs_snapshot,
+                    job,
+                    started: std::time::Instant::now(),
+                });
+                true
+            } else {
+                for message in messages {
+                    self.send(message);
+                }
+                false
+            }
+        } else {
+            if !batch.is_empty() {
+                self.commit(batch).await?;
+                self.metrics.flushes += 1;
+                if installs_snapshot {
+                    self.metrics.snapshots_installed += 1;
+                }
+                let stored_last = self.storage.last_index(self.group)?;
+                assert_eq!(
+                    stored_last,
+                    self.core.last_index(),
+                    "node {}: stored log does not end where the core's log ends after a commit",
+                    self.core.id()
+                );
+            }
+            // 2. Send the rest, only now that the Ready is durable.
+            for message in std::mem::take(&mut ready.messages) {
+                self.send(message);
+            }
+            false
+        };
         // 3. Queue what the service must apply, and answer reads.
         if let Some(snapshot) = ready.snapshot_to_apply.take() {
             self.to_apply.push_back(Apply::Snapshot {
@@ -523,7 +707,15 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
             self.answer_read(read);
         }
         // 4. Advance.
-        self.core.advance(ready);
+        if asynchronous {
+            let token = self.core.advance_unpersisted(ready);
+            self.in_flight
+                .back_mut()
+                .expect("invariant: an asynchronous Ready is in flight")
+                .token = Some(token);
+        } else {
+            self.core.advance(ready);
+        }
         self.offer_applies();
         Ok(())
     }
@@ -536,22 +728,10 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
         batch
     }
 
+    /// Commits inline (no storage thread).
     async fn commit(&mut self, batch: WriteBatch) -> Result<(), StorageError> {
         let started = std::time::Instant::now();
-        let on_thread = self
-            .storage_thread
-            .as_ref()
-            .and_then(|thread| thread.jobs.as_ref());
-        let result = if let Some(jobs) = on_thread {
-            let (reply, done) = oneshot::channel();
-            // The thread ends only by panicking inside a commit: then the
-            // send or the answer fails, and its panic is raised here as is.
-            let sent = jobs.send((batch, reply));
-            match (sent, done.await) {
-                (Ok(()), Ok(result)) => result,
-                _ => self.raise_storage_thread_panic(),
-            }
-        } else if self.block_in_place {
+        let result = if self.block_in_place {
             tokio::task::block_in_place(|| self.storage.commit(batch))
         } else {
             self.storage.commit(batch)
