@@ -14,8 +14,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use bytes::Bytes;
 use raftkv::NodeId;
 use raftkv::raft::{
-    Config, Entry, EntryKind, HardState, Message, PersistToken, PersistedState, RaftCore, Ready,
-    Snapshot,
+    AppendOutcome, Config, Entry, EntryKind, HardState, Message, MessageBody, PersistToken,
+    PersistedState, RaftCore, Ready, Snapshot,
 };
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -329,6 +329,87 @@ impl Sim {
         self.nodes[slot].reads.clear();
     }
 
+    /// The state a message reports is durable on its sender when it leaves:
+    /// its term and vote, the entries an append response acknowledges, the
+    /// snapshot an install response acknowledges.
+    fn check_durable_before_send(&self, m: &Message) {
+        let d = &self.nodes[m.from as usize - 1].durable;
+        if matches!(
+            m.body,
+            MessageBody::PreVote { .. } | MessageBody::PreVoteResponse { .. }
+        ) {
+            return;
+        }
+        assert!(
+            d.hard_state.term >= m.term,
+            "node {} sends {:?} in term {} with durable term {}",
+            m.from,
+            m.body,
+            m.term,
+            d.hard_state.term
+        );
+        let covers = |index: u64| {
+            index == 0
+                || d.snapshot
+                    .as_ref()
+                    .is_some_and(|s| s.meta.last_included_index >= index)
+                || d.entries.last().is_some_and(|e| e.index >= index)
+        };
+        match &m.body {
+            MessageBody::VoteResponse { granted: true } => assert!(
+                d.hard_state.term > m.term || d.hard_state.voted_for == Some(m.to),
+                "node {} grants its vote to {} in term {} before it is durable",
+                m.from,
+                m.to,
+                m.term
+            ),
+            MessageBody::Vote { .. } => assert!(
+                d.hard_state.term > m.term || d.hard_state.voted_for == Some(m.from),
+                "node {} asks for votes in term {} before its own vote is durable",
+                m.from,
+                m.term
+            ),
+            MessageBody::AppendResponse {
+                outcome: AppendOutcome::Success { match_index },
+            } => assert!(
+                covers(*match_index),
+                "node {} acknowledges {} before it is durable",
+                m.from,
+                match_index
+            ),
+            MessageBody::InstallSnapshotResponse {
+                last_included_index,
+                done: true,
+                ..
+            } => assert!(
+                covers(*last_included_index),
+                "node {} acknowledges snapshot {} before it is durable",
+                m.from,
+                last_included_index
+            ),
+            _ => {}
+        }
+    }
+
+    /// An index a leader commits is durable (with its term) on a majority.
+    fn check_commit_durable(&self, index: u64, term: u64) {
+        let copies = self
+            .nodes
+            .iter()
+            .filter(|n| {
+                let d = &n.durable;
+                d.snapshot
+                    .as_ref()
+                    .is_some_and(|s| s.meta.last_included_index >= index)
+                    || d.entries.iter().any(|e| e.index == index && e.term == term)
+            })
+            .count();
+        assert!(
+            copies > self.nodes.len() / 2,
+            "index {index} (term {term}) committed with {copies} durable copies"
+        );
+    }
+
     fn live(&self) -> Vec<usize> {
         (0..self.nodes.len())
             .filter(|&s| self.nodes[s].core.is_some())
@@ -345,6 +426,7 @@ impl Sim {
     // ----- the network ---------------------------------------------------
 
     fn send(&mut self, message: Message) {
+        self.check_durable_before_send(&message);
         self.stats.messages += 1;
         if !message.is_response() {
             self.stats.requests += 1;
@@ -737,6 +819,7 @@ impl Sim {
     // ----- safety checks after every step ------------------------------------
 
     fn check(&mut self) {
+        let mut new_commits = Vec::new();
         for node in &mut self.nodes {
             let Some(core) = node.core.as_ref() else {
                 continue;
@@ -758,6 +841,11 @@ impl Sim {
                     );
                 }
             }
+            if core.is_leader() && commit > seen {
+                if let Some(term) = core.entry_term(commit) {
+                    new_commits.push((commit, term));
+                }
+            }
             node.seen_commit = commit;
             self.oracle.max_commit = self.oracle.max_commit.max(commit);
             // Election safety and leader completeness.
@@ -777,6 +865,36 @@ impl Sim {
                     }
                 }
             }
+        }
+        // What a node counts as its own durable log is on its disk.
+        for node in &self.nodes {
+            let Some(core) = node.core.as_ref() else {
+                continue;
+            };
+            let persisted = core.persisted_index();
+            let d = &node.durable;
+            let snapshot = d
+                .snapshot
+                .as_ref()
+                .map_or(0, |s| s.meta.last_included_index);
+            if persisted > snapshot.max(core.snapshot_meta().last_included_index) {
+                let durable_term = d
+                    .entries
+                    .iter()
+                    .find(|e| e.index == persisted)
+                    .map(|e| e.term);
+                assert_eq!(
+                    durable_term,
+                    core.entry_term(persisted),
+                    "node {} counts {} as durable; its durable log ends at {:?}",
+                    node.id,
+                    persisted,
+                    d.entries.last().map(|e| (e.index, e.term))
+                );
+            }
+        }
+        for (index, term) in new_commits {
+            self.check_commit_durable(index, term);
         }
     }
 

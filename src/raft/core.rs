@@ -67,6 +67,8 @@ struct IncomingSnapshot {
 pub struct PersistToken {
     index: u64,
     term: u64,
+    /// The log's removal count then (see `RaftLog::rewrites`).
+    rewrites: u64,
 }
 
 /// The Raft protocol core of one node. See the [module docs](crate::raft)
@@ -229,6 +231,12 @@ impl RaftCore {
     /// Index of the last log entry (or of the snapshot when the log is empty).
     pub fn last_index(&self) -> u64 {
         self.log.last_index()
+    }
+
+    /// The last index this node counts as durable on its own disk (what a
+    /// leader counts toward commit for itself).
+    pub fn persisted_index(&self) -> u64 {
+        self.log.persisted_last()
     }
 
     /// Where the latest snapshot sits.
@@ -521,6 +529,7 @@ impl RaftCore {
         let token = PersistToken {
             index: last_index,
             term: self.log.term(last_index).unwrap_or(0),
+            rewrites: self.log.rewrites(),
         };
         self.assert_invariants();
         token
@@ -528,13 +537,15 @@ impl RaftCore {
 
     /// The `Ready` that [`advance_unpersisted`](Self::advance_unpersisted)
     /// returned `token` for is durable (and so is every earlier one). Counts
-    /// its entries as durable unless the log has changed below its end since
-    /// (a conflicting append replaced them: those are the later `Ready`s'
-    /// to persist).
+    /// its entries as durable unless entries were removed from the log since
+    /// it was taken (a conflicting append or a snapshot replaced them, maybe
+    /// with equal ones again: the later `Ready`s that wrote the replacements
+    /// bring their own tokens).
     pub fn persisted(&mut self, token: PersistToken) {
         self.assert_no_pending_ready();
-        let still_there =
-            token.index <= self.log.last_index() && self.log.term(token.index) == Some(token.term);
+        let still_there = token.rewrites == self.log.rewrites()
+            && token.index <= self.log.last_index()
+            && self.log.term(token.index) == Some(token.term);
         if still_there && token.index > self.log.persisted_last() {
             self.log.persisted_to(token.index);
             if self.role == Role::Leader {

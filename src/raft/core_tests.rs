@@ -1466,3 +1466,79 @@ fn messages_round_trip_through_postcard() {
         assert!(postcard::from_bytes::<Message>(&bytes[..bytes.len() - 1]).is_err());
     }
 }
+
+// ----- asynchronous persistence --------------------------------------------
+
+fn append_from(from: NodeId, term: u64, entries: Vec<Entry>) -> Message {
+    msg(
+        from,
+        1,
+        term,
+        MessageBody::Append {
+            prev_log_index: 0,
+            prev_log_term: 0,
+            entries,
+            leader_commit: 0,
+        },
+    )
+}
+
+#[test]
+fn async_persistence_counts_a_ready_only_while_its_entries_stand() {
+    // Five voters: node 2 leads term 1, node 3 term 2, node 2 again term 3.
+    let mut core = core(1, &[1, 2, 3, 4, 5]);
+    // R1: (1,1) (2,1).
+    core.step(append_from(2, 1, vec![entry(1, 1), entry(2, 1)]))
+        .unwrap();
+    let r1 = core.ready();
+    assert_eq!(r1.entries.len(), 2);
+    let t1 = core.advance_unpersisted(r1);
+    assert_eq!(
+        core.persisted_index(),
+        0,
+        "nothing counts before it is durable"
+    );
+    // R2: the leader of term 2 replaces them with (1,2).
+    core.step(append_from(3, 2, vec![entry(1, 2)])).unwrap();
+    let r2 = core.ready();
+    assert_eq!(r2.log_truncate_from, Some(1));
+    let t2 = core.advance_unpersisted(r2);
+    // R3: the leader of term 3 brings (1,1) (2,1) back and adds (3,3).
+    core.step(append_from(
+        2,
+        3,
+        vec![entry(1, 1), entry(2, 1), entry(3, 3)],
+    ))
+    .unwrap();
+    let r3 = core.ready();
+    let t3 = core.advance_unpersisted(r3);
+    // R1 and R2 are durable, R3 not: the disk holds [(1,2)] only, so the
+    // equal (2,1) in the log now must not count.
+    core.persisted(t1);
+    core.persisted(t2);
+    assert!(
+        core.persisted_index() <= 1,
+        "counts {} durable; the disk holds [(1, 2)]",
+        core.persisted_index()
+    );
+    core.persisted(t3);
+    assert_eq!(core.persisted_index(), 3);
+}
+
+#[test]
+fn async_persistence_lets_a_leader_count_itself_only_once_durable() {
+    let mut core = core(1, &[1, 2, 3]);
+    elect(&mut core, &[1, 2, 3]);
+    let (index, _) = core.propose(Bytes::from_static(b"x")).unwrap();
+    let ready = core.ready();
+    let token = core.advance_unpersisted(ready);
+    // One follower has it: with the leader's own copy not yet durable, that
+    // is one durable copy of three.
+    core.step(success(2, 1, core.term(), index)).unwrap();
+    assert!(
+        core.commit_index() < index,
+        "committed before a majority had it"
+    );
+    core.persisted(token);
+    assert_eq!(core.commit_index(), index);
+}

@@ -50,6 +50,10 @@ pub(crate) struct RaftLog {
     snapshot_unapplied: bool,
     /// Last index known durable in the driver's storage and consistent with this log.
     persisted_last: u64,
+    /// How many times entries were removed from the end of the log (a
+    /// conflicting suffix, or the whole log for a snapshot): persistence
+    /// confirmations for Readies taken before a removal are not trusted.
+    rewrites: u64,
 }
 
 impl RaftLog {
@@ -68,6 +72,7 @@ impl RaftLog {
             truncate_from: None,
             snapshot_unpersisted: false,
             persisted_last: last,
+            rewrites: 0,
         }
     }
 
@@ -99,6 +104,10 @@ impl RaftLog {
 
     pub(crate) fn persisted_last(&self) -> u64 {
         self.persisted_last
+    }
+
+    pub(crate) fn rewrites(&self) -> u64 {
+        self.rewrites
     }
 
     /// Term of the entry at `index`, if the log still knows it (the snapshot's
@@ -259,6 +268,7 @@ impl RaftLog {
             self.unstable_from = index;
         }
         self.persisted_last = self.persisted_last.min(index - 1);
+        self.rewrites += 1;
     }
 
     pub(crate) fn commit_to(&mut self, index: u64) -> bool {
@@ -318,6 +328,7 @@ impl RaftLog {
             self.truncate_from = Some(self.truncate_from.map_or(index + 1, |t| t.min(index + 1)));
             self.unstable_from = index + 1;
             self.persisted_last = self.persisted_last.min(self.committed);
+            self.rewrites += 1;
         }
         self.snapshot = snapshot;
         self.committed = index;

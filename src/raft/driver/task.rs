@@ -182,20 +182,50 @@ impl StorageThread {
         let thread = std::thread::Builder::new()
             .name(format!("raft-storage-{id}"))
             .spawn(move || {
-                while let Ok(first) = queue.recv() {
+                let mut held: Option<FlushJob> = None;
+                loop {
+                    let first = match held.take() {
+                        Some(job) => job,
+                        None => match queue.recv() {
+                            Ok(job) => job,
+                            Err(_) => return,
+                        },
+                    };
                     let mut expected_last = first.expected_last;
                     let mut bytes = first.batch.payload_bytes();
-                    let mut batch = first.batch;
-                    let mut jobs = 1;
-                    while jobs < MERGE_JOBS_MAX && bytes < MERGE_BYTES_MAX {
+                    let mut merged = vec![first];
+                    while merged.len() < MERGE_JOBS_MAX {
                         let Ok(next) = queue.try_recv() else { break };
-                        bytes += next.batch.payload_bytes();
-                        batch.extend(next.batch);
+                        let next_bytes = next.batch.payload_bytes();
+                        if bytes + next_bytes > MERGE_BYTES_MAX {
+                            // Next time: a merge never grows past the bound.
+                            held = Some(next);
+                            break;
+                        }
+                        bytes += next_bytes;
                         expected_last = next.expected_last;
-                        jobs += 1;
+                        merged.push(next);
                     }
-                    let result = storage.commit(batch);
-                    if result.is_ok() {
+                    let jobs = merged.len();
+                    let result = if jobs == 1 {
+                        let job = merged.pop().expect("one job");
+                        storage.commit(job.batch)
+                    } else {
+                        let mut batch = WriteBatch::new();
+                        for job in &merged {
+                            batch.extend(job.batch.clone());
+                        }
+                        match storage.commit(batch) {
+                            Ok(()) => Ok(()),
+                            // Refused as a whole (a limit of the store, say):
+                            // one by one, up to the first that fails.
+                            Err(_) => merged
+                                .into_iter()
+                                .try_for_each(|job| storage.commit(job.batch)),
+                        }
+                    };
+                    let failed = result.is_err();
+                    if !failed {
                         let stored_last = storage.last_index(group);
                         assert!(
                             matches!(stored_last, Ok(last) if last == expected_last),
@@ -204,6 +234,11 @@ impl StorageThread {
                     }
                     // The driver is gone (stopping): nobody to tell.
                     let _ = flushed.send(Flushed { jobs, result });
+                    if failed {
+                        // Fail-stop: nothing queued behind a failed commit may
+                        // reach the disk (it may build on what failed).
+                        return;
+                    }
                 }
             })?;
         Ok(StorageThread {
@@ -240,9 +275,10 @@ const IN_FLIGHT_MAX: usize = 256;
 
 impl Drop for StorageThread {
     fn drop(&mut self) {
-        // The driver awaits every commit it hands over, so the queue is empty
-        // here unless the driver was cancelled mid-commit; then this waits
-        // for that one commit: the storage handle is released only after it.
+        // Waits for the jobs already queued (after a failed commit, for none:
+        // the thread has ended), so the storage handle is released only
+        // after them. A panic of the thread is not raised here; it is when
+        // the driver finds the thread gone while waiting for an answer.
         drop(self.jobs.take());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -446,6 +482,8 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
         };
         result?;
         self.metrics.flushes += 1;
+        // When the oldest Ready of this answer was handed over.
+        let mut oldest = None;
         let mut left = jobs;
         while left > 0 || self.in_flight.front().is_some_and(|f| !f.job) {
             let done = self
@@ -458,21 +496,24 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
             if done.installs_snapshot {
                 self.metrics.snapshots_installed += 1;
             }
-            let took = done.started.elapsed();
-            if took >= SLOW_COMMIT {
-                self.metrics.slow_commits += 1;
-                warn!(
-                    id = self.core.id(),
-                    took_ms = took.as_millis() as u64,
-                    "slow storage commit (disk contention or a slow device)"
-                );
-            }
+            oldest = oldest.or(Some(done.started));
             for message in done.messages {
                 self.send(message);
             }
             self.core.persisted(
                 done.token
                     .expect("invariant: a Ready in flight was advanced"),
+            );
+        }
+        let took = oldest.map(|started: std::time::Instant| started.elapsed());
+        if let Some(took) = took.filter(|took| *took >= SLOW_COMMIT) {
+            // Like etcd's "slow fdatasync" (including the wait behind earlier
+            // flushes): the disk, not Raft, is the bottleneck.
+            self.metrics.slow_commits += 1;
+            warn!(
+                id = self.core.id(),
+                took_ms = took.as_millis() as u64,
+                "slow storage commit (disk contention or a slow device)"
             );
         }
         Ok(())
@@ -608,10 +649,8 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
         //    about this node's disk, and followers then flush in parallel
         //    with the leader.
         let batch = self.persist_batch(&mut ready);
-        if self.config.send_appends_before_persist
-            && !batch.is_empty()
-            && ready.hard_state.is_none()
-        {
+        let waits = !batch.is_empty() || !self.in_flight.is_empty();
+        if self.config.send_appends_before_persist && waits && ready.hard_state.is_none() {
             let (early, late): (Vec<_>, Vec<_>) = std::mem::take(&mut ready.messages)
                 .into_iter()
                 .partition(|message| message.may_precede_persistence());
@@ -982,5 +1021,185 @@ mod tests {
         assert_eq!(count, 0);
         store.commit(batch).unwrap();
         assert_eq!(stored(&store), vec![(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)]);
+    }
+
+    // ----- the storage thread ------------------------------------------
+
+    use std::sync::{Arc, Mutex, mpsc as std_mpsc};
+
+    use super::{FlushJob, StorageThread};
+    use crate::raft::HardState as Hs;
+    use crate::storage::{GroupId, Limits, StorageError, WriteBatch};
+
+    /// A MemStore whose first commit waits for a signal, so that later jobs
+    /// queue up behind it as they do behind a slow fsync.
+    struct Gated {
+        inner: MemStore,
+        entered: Mutex<Option<std_mpsc::Sender<()>>>,
+        release: Mutex<Option<std_mpsc::Receiver<()>>>,
+    }
+
+    impl Storage for Gated {
+        fn commit(&self, batch: WriteBatch) -> Result<(), StorageError> {
+            let entered = self.entered.lock().unwrap().take();
+            if let Some(entered) = entered {
+                entered.send(()).unwrap();
+                let release = self.release.lock().unwrap().take().unwrap();
+                release.recv().unwrap();
+            }
+            self.inner.commit(batch)
+        }
+    }
+
+    impl RaftLogStorage for Gated {
+        fn groups(&self) -> Result<Vec<GroupId>, StorageError> {
+            self.inner.groups()
+        }
+        fn hard_state(&self, group: GroupId) -> Result<Hs, StorageError> {
+            self.inner.hard_state(group)
+        }
+        fn first_index(&self, group: GroupId) -> Result<u64, StorageError> {
+            self.inner.first_index(group)
+        }
+        fn last_index(&self, group: GroupId) -> Result<u64, StorageError> {
+            self.inner.last_index(group)
+        }
+        fn term(&self, group: GroupId, index: u64) -> Result<u64, StorageError> {
+            self.inner.term(group, index)
+        }
+        fn entries(
+            &self,
+            group: GroupId,
+            lo: u64,
+            hi: u64,
+            bytes_max: u64,
+        ) -> Result<Vec<Entry>, StorageError> {
+            self.inner.entries(group, lo, hi, bytes_max)
+        }
+        fn snapshot_meta(&self, group: GroupId) -> Result<SnapshotMeta, StorageError> {
+            self.inner.snapshot_meta(group)
+        }
+        fn snapshot(&self, group: GroupId) -> Result<(SnapshotMeta, Bytes), StorageError> {
+            self.inner.snapshot(group)
+        }
+        fn raft_state_bytes(&self, group: GroupId) -> Result<u64, StorageError> {
+            self.inner.raft_state_bytes(group)
+        }
+    }
+
+    type Gate = (std_mpsc::Receiver<()>, std_mpsc::Sender<()>);
+
+    fn gated(limits: Limits) -> (Arc<Gated>, Gate) {
+        let (entered_tx, entered_rx) = std_mpsc::channel();
+        let (release_tx, release_rx) = std_mpsc::channel();
+        let store = Gated {
+            inner: MemStore::open_with(&MemDisk::new(), limits).unwrap(),
+            entered: Mutex::new(Some(entered_tx)),
+            release: Mutex::new(Some(release_rx)),
+        };
+        (Arc::new(store), (entered_rx, release_tx))
+    }
+
+    fn hard_state_job(term: u64, expected_last: u64) -> FlushJob {
+        let mut batch = WriteBatch::new();
+        batch.set_hard_state(
+            0,
+            Hs {
+                term,
+                voted_for: None,
+            },
+        );
+        FlushJob {
+            batch,
+            expected_last,
+        }
+    }
+
+    /// Nothing queued behind a failed commit reaches the disk: it may build
+    /// on what failed (here the snapshot the store refused).
+    #[test]
+    fn jobs_behind_a_failed_commit_are_not_committed() {
+        let limits = Limits {
+            snapshot_bytes_max: 16,
+            ..Limits::default()
+        };
+        let (store, (entered, release)) = gated(limits);
+        let (flushed_tx, mut flushed_rx) = tokio::sync::mpsc::unbounded_channel();
+        let thread = StorageThread::start(store.clone(), 1, 0, flushed_tx).unwrap();
+        let jobs = thread.jobs.clone().unwrap();
+        jobs.send(hard_state_job(1, 0)).unwrap();
+        entered.recv().unwrap();
+        // Queued behind the first: entries, a snapshot too large for the
+        // store, a later hard state.
+        let mut entries = WriteBatch::new();
+        entries.append(0, vec![entry(1, 1), entry(2, 1)]);
+        jobs.send(FlushJob {
+            batch: entries,
+            expected_last: 2,
+        })
+        .unwrap();
+        let mut snapshot = WriteBatch::new();
+        let meta = SnapshotMeta {
+            last_included_index: 2,
+            last_included_term: 1,
+        };
+        snapshot.install_snapshot(0, meta, Bytes::from(vec![0u8; 64]));
+        jobs.send(FlushJob {
+            batch: snapshot,
+            expected_last: 2,
+        })
+        .unwrap();
+        release.send(()).unwrap();
+        assert!(flushed_rx.blocking_recv().unwrap().result.is_ok());
+        let failed = flushed_rx.blocking_recv().unwrap();
+        assert!(failed.result.is_err(), "the snapshot is refused");
+        // Sent before the driver saw the failure.
+        let _ = jobs.send(hard_state_job(9, 0));
+        drop(jobs);
+        drop(thread);
+        assert_eq!(store.hard_state(0).unwrap().term, 1);
+        assert!(
+            flushed_rx.blocking_recv().is_none(),
+            "no answer after the failure"
+        );
+    }
+
+    /// Readies that each fit the store's batch limit but not together are
+    /// committed one by one instead of failing merged.
+    #[test]
+    fn a_merge_the_store_refuses_is_committed_job_by_job() {
+        let limits = Limits {
+            batch_bytes_max: 1 << 20,
+            ..Limits::default()
+        };
+        let (store, (entered, release)) = gated(limits);
+        let (flushed_tx, mut flushed_rx) = tokio::sync::mpsc::unbounded_channel();
+        let thread = StorageThread::start(store.clone(), 1, 0, flushed_tx).unwrap();
+        let jobs = thread.jobs.clone().unwrap();
+        jobs.send(hard_state_job(1, 0)).unwrap();
+        entered.recv().unwrap();
+        let big = |index| Entry {
+            index,
+            term: 1,
+            kind: EntryKind::Normal,
+            data: Bytes::from(vec![7u8; 600 << 10]),
+        };
+        for index in 1..=2 {
+            let mut batch = WriteBatch::new();
+            batch.append(0, vec![big(index)]);
+            jobs.send(FlushJob {
+                batch,
+                expected_last: index,
+            })
+            .unwrap();
+        }
+        release.send(()).unwrap();
+        assert!(flushed_rx.blocking_recv().unwrap().result.is_ok());
+        let merged = flushed_rx.blocking_recv().unwrap();
+        drop(jobs);
+        drop(thread);
+        assert_eq!(merged.jobs, 2, "both were taken together");
+        assert!(merged.result.is_ok(), "{:?}", merged.result);
+        assert_eq!(store.last_index(0).unwrap(), 2);
     }
 }
