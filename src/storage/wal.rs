@@ -154,15 +154,73 @@ fn sync_directory(dir: &Path) -> Result<(), StorageError> {
 /// `pwrite` + `fdatasync` p50 145–185 µs into zeros, 200 µs into
 /// `fallocate`d space, 210–280 µs appending).
 fn fill_zeros(file: &File, from: u64, to: u64) -> Result<(), StorageError> {
-    const CHUNK: usize = 1 << 20;
-    let zeros = vec![0u8; CHUNK.min(usize::try_from(to.saturating_sub(from)).unwrap_or(CHUNK))];
+    let chunk = PACE_BYTES.min(usize::try_from(to.saturating_sub(from)).unwrap_or(PACE_BYTES));
+    let zeros = vec![0u8; chunk];
     let mut at = from;
     while at < to {
         let n = (to - at).min(zeros.len() as u64) as usize;
         file.write_all_at(&zeros[..n], at)?;
+        write_out(file, at, n as u64)?;
         at += n as u64;
     }
     Ok(())
+}
+
+/// Background writes (zero-filling, images) go to the disk this many bytes
+/// at a time: a log `fdatasync` running meanwhile then waits behind at most
+/// this much of them, not behind a whole segment or image (measured: 100–150
+/// ms stalls of the log every few seconds at 64 clients without pacing).
+const PACE_BYTES: usize = 1 << 20;
+
+/// Starts writing `len` bytes of `file` at `offset` to the disk and waits
+/// until they are written, without the device cache flush of an `fsync`
+/// (the final `sync_all` of the file does that once).
+fn write_out(file: &File, offset: u64, len: u64) -> Result<(), StorageError> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let (Ok(offset), Ok(len)) = (libc::off64_t::try_from(offset), libc::off64_t::try_from(len))
+        else {
+            return Ok(());
+        };
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        // SAFETY: a plain system call on a descriptor we own.
+        if unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
+    Ok(())
+}
+
+/// A file written in order, sent to the disk every [`PACE_BYTES`].
+struct PacedFile<'a> {
+    file: &'a File,
+    offset: u64,
+    unsent_from: u64,
+}
+
+impl Write for PacedFile<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = (&*self.file).write(buf)?;
+        self.offset += n as u64;
+        if self.offset - self.unsent_from >= PACE_BYTES as u64 {
+            write_out(self.file, self.unsent_from, self.offset - self.unsent_from)
+                .map_err(|error| match error {
+                    StorageError::Io(io) => io,
+                    other => std::io::Error::other(other.to_string()),
+                })?;
+            self.unsent_from = self.offset;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Reserves `bytes` of zeros at the end of `file` (whose length is `len`)
@@ -382,7 +440,12 @@ fn write_image_to(
     disk: MemDisk,
 ) -> Result<u64, StorageError> {
     let file = File::create(tmp)?;
-    let mut out = BufWriter::with_capacity(1 << 20, &file);
+    let paced = PacedFile {
+        file: &file,
+        offset: 0,
+        unsent_from: 0,
+    };
+    let mut out = BufWriter::with_capacity(256 << 10, paced);
     let mut hasher = crc32fast::Hasher::new();
     let mut written = 0u64;
     let mut emit = |bytes: &[u8]| -> std::io::Result<()> {
