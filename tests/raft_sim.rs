@@ -550,23 +550,7 @@ impl Sim {
             return;
         }
         let mut ready = core.ready();
-        // Like the driver: a leader's appends and heartbeats leave before its
-        // own flush when the Ready changes no hard state.
-        let mut registered = false;
-        if ready.hard_state.is_none() {
-            let (early, late): (Vec<_>, Vec<_>) = std::mem::take(&mut ready.messages)
-                .into_iter()
-                .partition(|message| message.may_precede_persistence());
-            ready.messages = late;
-            if !early.is_empty() {
-                // The entries exist once they leave the node.
-                self.register_entries(slot, &ready);
-                registered = true;
-            }
-            for message in early {
-                self.send(message);
-            }
-        }
+        let registered = self.send_early(slot, &mut ready);
         if crash_point == Some(0) {
             // Nothing of this Ready reached the disk; a leader's appends may
             // have reached the network.
@@ -638,21 +622,8 @@ impl Sim {
             return;
         }
         let mut ready = core.ready();
-        let mut previous_term = Some(self.previous_term(slot, &ready.entries));
-        if ready.hard_state.is_none() {
-            let (early, late): (Vec<_>, Vec<_>) = std::mem::take(&mut ready.messages)
-                .into_iter()
-                .partition(|message| message.may_precede_persistence());
-            ready.messages = late;
-            if !early.is_empty() {
-                // The entries exist once they leave the node.
-                self.register_entries(slot, &ready);
-                previous_term = None;
-            }
-            for message in early {
-                self.send(message);
-            }
-        }
+        let previous_term = Some(self.previous_term(slot, &ready.entries));
+        let previous_term = previous_term.filter(|_| !self.send_early(slot, &mut ready));
         let persist = Persist::take(&mut ready);
         let messages = std::mem::take(&mut ready.messages);
         let queued = !persist.is_empty() || !self.nodes[slot].unflushed.is_empty();
@@ -678,6 +649,27 @@ impl Sim {
             core.persisted(token);
         }
         self.check();
+    }
+
+    /// Like the driver: a leader's appends and heartbeats leave before its
+    /// own flush when the Ready changes no hard state. Whether any left (then
+    /// the Ready's entries are registered: they exist once they leave).
+    fn send_early(&mut self, slot: usize, ready: &mut Ready) -> bool {
+        if ready.hard_state.is_some() {
+            return false;
+        }
+        let (early, late): (Vec<_>, Vec<_>) = std::mem::take(&mut ready.messages)
+            .into_iter()
+            .partition(|message| message.may_precede_persistence());
+        ready.messages = late;
+        if early.is_empty() {
+            return false;
+        }
+        self.register_entries(slot, ready);
+        for message in early {
+            self.send(message);
+        }
+        true
     }
 
     /// Log matching: an (index, term) pair fixes the entry and its predecessor's term.

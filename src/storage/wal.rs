@@ -179,8 +179,10 @@ fn write_out(file: &File, offset: u64, len: u64) -> Result<(), StorageError> {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
-        let (Ok(offset), Ok(len)) = (libc::off64_t::try_from(offset), libc::off64_t::try_from(len))
-        else {
+        let (Ok(offset), Ok(len)) = (
+            libc::off64_t::try_from(offset),
+            libc::off64_t::try_from(len),
+        ) else {
             return Ok(());
         };
         let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
@@ -208,11 +210,12 @@ impl Write for PacedFile<'_> {
         let n = (&*self.file).write(buf)?;
         self.offset += n as u64;
         if self.offset - self.unsent_from >= PACE_BYTES as u64 {
-            write_out(self.file, self.unsent_from, self.offset - self.unsent_from)
-                .map_err(|error| match error {
+            write_out(self.file, self.unsent_from, self.offset - self.unsent_from).map_err(
+                |error| match error {
                     StorageError::Io(io) => io,
                     other => std::io::Error::other(other.to_string()),
-                })?;
+                },
+            )?;
             self.unsent_from = self.offset;
         }
         Ok(n)

@@ -1100,6 +1100,32 @@ mod tests {
         (Arc::new(store), (entered_rx, release_tx))
     }
 
+    /// A storage thread on a gated store, its first job (a hard state)
+    /// inside its commit until `release` is sent.
+    struct Stalled {
+        store: Arc<Gated>,
+        thread: StorageThread,
+        jobs: std_mpsc::Sender<FlushJob>,
+        flushed_rx: tokio::sync::mpsc::UnboundedReceiver<super::Flushed>,
+        release: std_mpsc::Sender<()>,
+    }
+
+    fn stalled(limits: Limits) -> Stalled {
+        let (store, (entered, release)) = gated(limits);
+        let (flushed_tx, flushed_rx) = tokio::sync::mpsc::unbounded_channel();
+        let thread = StorageThread::start(store.clone(), 1, 0, flushed_tx).unwrap();
+        let jobs = thread.jobs.clone().unwrap();
+        jobs.send(hard_state_job(1, 0)).unwrap();
+        entered.recv().unwrap();
+        Stalled {
+            store,
+            thread,
+            jobs,
+            flushed_rx,
+            release,
+        }
+    }
+
     fn hard_state_job(term: u64, expected_last: u64) -> FlushJob {
         let mut batch = WriteBatch::new();
         batch.set_hard_state(
@@ -1123,12 +1149,13 @@ mod tests {
             snapshot_bytes_max: 16,
             ..Limits::default()
         };
-        let (store, (entered, release)) = gated(limits);
-        let (flushed_tx, mut flushed_rx) = tokio::sync::mpsc::unbounded_channel();
-        let thread = StorageThread::start(store.clone(), 1, 0, flushed_tx).unwrap();
-        let jobs = thread.jobs.clone().unwrap();
-        jobs.send(hard_state_job(1, 0)).unwrap();
-        entered.recv().unwrap();
+        let Stalled {
+            store,
+            thread,
+            jobs,
+            mut flushed_rx,
+            release,
+        } = stalled(limits);
         // Queued behind the first: entries, a snapshot too large for the
         // store, a later hard state.
         let mut entries = WriteBatch::new();
@@ -1172,12 +1199,13 @@ mod tests {
             batch_bytes_max: 1 << 20,
             ..Limits::default()
         };
-        let (store, (entered, release)) = gated(limits);
-        let (flushed_tx, mut flushed_rx) = tokio::sync::mpsc::unbounded_channel();
-        let thread = StorageThread::start(store.clone(), 1, 0, flushed_tx).unwrap();
-        let jobs = thread.jobs.clone().unwrap();
-        jobs.send(hard_state_job(1, 0)).unwrap();
-        entered.recv().unwrap();
+        let Stalled {
+            store,
+            thread,
+            jobs,
+            mut flushed_rx,
+            release,
+        } = stalled(limits);
         let big = |index| Entry {
             index,
             term: 1,
