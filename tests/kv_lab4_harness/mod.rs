@@ -188,6 +188,7 @@ impl<M: StateMachine + Default> Replica for Rsm<M> {
     ) -> Self {
         let mut config = config.clone();
         config.node.rng_seed = rng_seed;
+        config.node.async_persistence = async_persistence(rng_seed);
         Rsm::start(id, voters, config, store, endpoint, M::default()).expect("starting an rsm")
     }
 
@@ -198,6 +199,14 @@ impl<M: StateMachine + Default> Replica for Rsm<M> {
     fn shutdown(&self) -> impl Future<Output = ()> {
         Rsm::shutdown(self)
     }
+}
+
+/// Whether a replica (one incarnation of one server) persists
+/// asynchronously, as `raftkv server` does with its storage thread, but
+/// deterministically: about half of them, drawn from its seed, so clusters
+/// mix both ways.
+fn async_persistence(rng_seed: u64) -> bool {
+    (rng_seed >> 1) & 1 == 1
 }
 
 impl Replica for RaftKvServer {
@@ -213,6 +222,7 @@ impl Replica for RaftKvServer {
     ) -> Self {
         let mut config = config.clone();
         config.rsm.node.rng_seed = rng_seed;
+        config.rsm.node.async_persistence = async_persistence(rng_seed);
         RaftKvServer::start(id, voters, config, store, endpoint).expect("starting a kv server")
     }
 

@@ -610,8 +610,13 @@ impl Lab {
         self.crash(server).await;
         self.incarnations[server] += 1;
         let store = Store::open(self.dirs[server].path()).expect("opening the server's store");
+        let rng_seed = self.seed ^ (id(server) << 48) ^ self.incarnations[server];
         let config = NodeConfig {
-            rng_seed: self.seed ^ (id(server) << 48) ^ self.incarnations[server],
+            rng_seed,
+            // About half the incarnations persist asynchronously, as `raftkv
+            // server` does with its storage thread (deterministically here):
+            // clusters mix both ways.
+            async_persistence: (rng_seed >> 1) & 1 == 1,
             ..NodeConfig::default()
         };
         let voters: Vec<NodeId> = (0..self.n()).map(id).collect();

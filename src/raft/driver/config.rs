@@ -69,6 +69,15 @@ pub struct NodeConfig {
     ///
     /// [`RaftCore::advance_unpersisted`]: crate::raft::RaftCore::advance_unpersisted
     pub storage_thread: bool,
+    /// Persist asynchronously ([`RaftCore::advance_unpersisted`]) also
+    /// without a storage thread: each commit runs inline but its answer
+    /// comes back later through the same channel as the thread's, so the
+    /// driver keeps Readies in flight and holds their messages exactly as
+    /// with the thread, deterministically. For tests of that path on a
+    /// paused clock; `storage_thread` implies it. Default false.
+    ///
+    /// [`RaftCore::advance_unpersisted`]: crate::raft::RaftCore::advance_unpersisted
+    pub async_persistence: bool,
 }
 
 impl Default for NodeConfig {
@@ -86,6 +95,7 @@ impl Default for NodeConfig {
             block_in_place_for_storage: true,
             send_appends_before_persist: true,
             storage_thread: false,
+            async_persistence: false,
         }
     }
 }

@@ -298,6 +298,9 @@ pub(super) struct Driver<S> {
     flushed: Option<mpsc::UnboundedReceiver<Flushed>>,
     /// Readies whose persistence runs on the storage thread, oldest first.
     in_flight: VecDeque<InFlight>,
+    /// `NodeConfig::async_persistence` without a storage thread: where the
+    /// driver answers its own inline commits.
+    answers_to_self: Option<mpsc::UnboundedSender<Flushed>>,
     group: GroupId,
     config: NodeConfig,
     endpoint: Endpoint,
@@ -328,7 +331,7 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
             tokio::runtime::RuntimeFlavor::MultiThread
         );
         let storage = Arc::new(storage);
-        let (storage_thread, flushed) = if config.storage_thread {
+        let (storage_thread, mut flushed) = if config.storage_thread {
             let (sender, receiver) = mpsc::unbounded_channel();
             match StorageThread::start(storage.clone(), core.id(), config.group, sender) {
                 Ok(thread) => (Some(thread), Some(receiver)),
@@ -340,12 +343,20 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
         } else {
             (None, None)
         };
+        let answers_to_self = if storage_thread.is_none() && config.async_persistence {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            flushed = Some(receiver);
+            Some(sender)
+        } else {
+            None
+        };
         Driver {
             core,
             storage,
             storage_thread,
             flushed,
             in_flight: VecDeque::new(),
+            answers_to_self,
             group: config.group,
             block_in_place: multi_thread && config.block_in_place_for_storage,
             config,
@@ -663,7 +674,7 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
             .storage_thread
             .as_ref()
             .and_then(|thread| thread.jobs.clone());
-        let asynchronous = if let Some(jobs) = jobs {
+        let asynchronous = if jobs.is_some() || self.answers_to_self.is_some() {
             // 1+2 on the storage thread: the batch goes there and this Ready's
             // other messages wait for it (or, with nothing to write, for the
             // Readies still in flight, whose state they may report) in
@@ -671,14 +682,34 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
             let job = !batch.is_empty();
             if job {
                 let expected_last = self.core.last_index();
-                if jobs
-                    .send(FlushJob {
-                        batch,
+                if let Some(jobs) = jobs {
+                    if jobs
+                        .send(FlushJob {
+                            batch,
+                            expected_last,
+                        })
+                        .is_err()
+                    {
+                        self.raise_storage_thread_panic();
+                    }
+                } else {
+                    // `NodeConfig::async_persistence` without a thread: the
+                    // commit runs here, its answer comes through the channel
+                    // like the thread's (deterministic tests of this path).
+                    self.commit(batch).await?;
+                    let stored_last = self.storage.last_index(self.group)?;
+                    assert_eq!(
+                        stored_last,
                         expected_last,
-                    })
-                    .is_err()
-                {
-                    self.raise_storage_thread_panic();
+                        "node {}: stored log does not end where the Ready's log ended",
+                        self.core.id()
+                    );
+                    if let Some(answers) = &self.answers_to_self {
+                        let _ = answers.send(Flushed {
+                            jobs: 1,
+                            result: Ok(()),
+                        });
+                    }
                 }
             }
             let messages = std::mem::take(&mut ready.messages);
