@@ -70,11 +70,13 @@ pub struct NodeConfig {
     /// [`RaftCore::advance_unpersisted`]: crate::raft::RaftCore::advance_unpersisted
     pub storage_thread: bool,
     /// Persist asynchronously ([`RaftCore::advance_unpersisted`]) also
-    /// without a storage thread: each commit runs inline but its answer
-    /// comes back later through the same channel as the thread's, so the
-    /// driver keeps Readies in flight and holds their messages exactly as
-    /// with the thread, deterministically. For tests of that path on a
-    /// paused clock; `storage_thread` implies it. Default false.
+    /// without a storage thread: each Ready's batch waits for a later turn
+    /// of the driver's loop (and is lost if the node stops first, like the
+    /// unflushed writes of a crash), is committed inline then, and answered
+    /// through the same channel as the thread's, so the driver keeps Readies
+    /// in flight and holds their messages exactly as with the thread,
+    /// deterministically. For tests of that path on a paused clock;
+    /// `storage_thread` implies it. Default false.
     ///
     /// [`RaftCore::advance_unpersisted`]: crate::raft::RaftCore::advance_unpersisted
     pub async_persistence: bool,

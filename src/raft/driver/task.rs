@@ -136,6 +136,7 @@ enum Input {
     Message(NodeId, RaftEnvelope),
     Proposal(Proposal),
     Flushed(Option<Flushed>),
+    CommitDeferred,
 }
 
 /// Outcome of waiting for the next input.
@@ -301,6 +302,9 @@ pub(super) struct Driver<S> {
     /// `NodeConfig::async_persistence` without a storage thread: where the
     /// driver answers its own inline commits.
     answers_to_self: Option<mpsc::UnboundedSender<Flushed>>,
+    /// Its jobs not yet committed (lost if the node stops first, like the
+    /// unflushed writes of a crash).
+    deferred: VecDeque<FlushJob>,
     group: GroupId,
     config: NodeConfig,
     endpoint: Endpoint,
@@ -357,6 +361,7 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
             flushed,
             in_flight: VecDeque::new(),
             answers_to_self,
+            deferred: VecDeque::new(),
             group: config.group,
             block_in_place: multi_thread && config.block_in_place_for_storage,
             config,
@@ -447,6 +452,7 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
             },
             flushed = recv_flushed(&mut self.flushed), if awaiting_disk => Input::Flushed(flushed),
             _ = ticker.tick(), if !paused => Input::Tick,
+            () = std::future::ready(()), if !self.deferred.is_empty() => Input::CommitDeferred,
             permit = self.apply.reserve(), if can_deliver => match permit {
                 Ok(permit) => {
                     let item = self.to_apply.pop_front().expect("paused with an empty apply queue");
@@ -480,8 +486,36 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
                     return Event::Stop(StopReason::StorageFailed(error.to_string()));
                 }
             }
+            Input::CommitDeferred => {
+                if let Err(error) = self.commit_deferred().await {
+                    return Event::Stop(StopReason::StorageFailed(error.to_string()));
+                }
+            }
         }
         Event::Continue
+    }
+
+    /// `NodeConfig::async_persistence` without a thread: commits the jobs
+    /// waiting since earlier turns, in order, and answers each like the
+    /// storage thread.
+    async fn commit_deferred(&mut self) -> Result<(), StorageError> {
+        while let Some(job) = self.deferred.pop_front() {
+            self.commit(job.batch).await?;
+            let stored_last = self.storage.last_index(self.group)?;
+            assert_eq!(
+                stored_last,
+                job.expected_last,
+                "node {}: stored log does not end where the Ready's log ended",
+                self.core.id()
+            );
+            if let Some(answers) = &self.answers_to_self {
+                let _ = answers.send(Flushed {
+                    jobs: 1,
+                    result: Ok(()),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The storage thread committed the oldest `jobs` jobs in flight: the
@@ -694,22 +728,12 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
                     }
                 } else {
                     // `NodeConfig::async_persistence` without a thread: the
-                    // commit runs here, its answer comes through the channel
-                    // like the thread's (deterministic tests of this path).
-                    self.commit(batch).await?;
-                    let stored_last = self.storage.last_index(self.group)?;
-                    assert_eq!(
-                        stored_last,
+                    // job waits for a later turn of the loop (`commit_deferred`),
+                    // its answer comes through the channel like the thread's.
+                    self.deferred.push_back(FlushJob {
+                        batch,
                         expected_last,
-                        "node {}: stored log does not end where the Ready's log ended",
-                        self.core.id()
-                    );
-                    if let Some(answers) = &self.answers_to_self {
-                        let _ = answers.send(Flushed {
-                            jobs: 1,
-                            result: Ok(()),
-                        });
-                    }
+                    });
                 }
             }
             let messages = std::mem::take(&mut ready.messages);
