@@ -1005,7 +1005,7 @@ impl Wal {
     /// new segment, no thread) leaves the log in the current segment, which
     /// grows, and the move is tried again a segment later.
     fn next_segment(&self, writer: &mut Writer) -> Result<(), StorageError> {
-        let idle = self.image_written(writer);
+        let idle = self.image_written(writer, false);
         let threshold = self.checkpoint_bytes_min.max(2 * writer.image_bytes);
         let checkpoint = idle && writer.log_bytes >= threshold;
         // The boundary: records before `start` go to the old segment, and the
@@ -1083,11 +1083,12 @@ impl Wal {
         }
     }
 
-    /// Whether no image is being written (collecting the last one's result).
-    fn image_written(&self, writer: &mut Writer) -> bool {
+    /// Whether no image is being written (collecting the last one's result);
+    /// with `wait`, waits for a running one first.
+    fn image_written(&self, writer: &mut Writer, wait: bool) -> bool {
         match writer.checkpoint.take() {
             None => true,
-            Some(running) if !running.is_finished() => {
+            Some(running) if !wait && !running.is_finished() => {
                 writer.checkpoint = Some(running);
                 false
             }
@@ -1126,23 +1127,11 @@ impl Wal {
     /// Waits for the helper threads (a store being dropped).
     fn finish_threads(&self) {
         let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        self.image_written_blocking(&mut writer);
+        self.image_written(&mut writer, true);
         if let Some(running) = writer.next_segment.take() {
             let _ = running.join();
             // Recovery would delete it too.
             let _ = std::fs::remove_file(self.dir.join(SPARE_SEGMENT));
-        }
-    }
-
-    fn image_written_blocking(&self, writer: &mut Writer) {
-        if let Some(running) = writer.checkpoint.take() {
-            match running.join() {
-                Ok(Ok(bytes)) => writer.image_bytes = bytes,
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, "writing a write-ahead-log checkpoint failed");
-                }
-                Err(_) => tracing::error!("the write-ahead-log checkpoint thread panicked"),
-            }
         }
     }
 }
@@ -1235,6 +1224,14 @@ mod tests {
     use super::*;
     use crate::storage::store::StoreBackend;
     use crate::storage::{KvStorage, Storage, Store, StoreConfig, StoreEngine, WriteBatch};
+
+    /// The write-ahead-log backend of a wal store.
+    fn wal_of(store: &Store) -> &WalBackend {
+        match store.engine.backend() {
+            StoreBackend::Wal(backend) => backend,
+            StoreBackend::Sled(_) => panic!("a wal store"),
+        }
+    }
 
     fn config(checkpoint_bytes: u64) -> StoreConfig {
         StoreConfig {
@@ -1446,9 +1443,7 @@ mod tests {
     fn an_interrupted_checkpoint_recovers_from_the_older_files() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open_with(dir.path(), &config(64 << 20)).expect("open");
-        let StoreBackend::Wal(backend) = store.engine.backend() else {
-            panic!("a wal store")
-        };
+        let backend = wal_of(&store);
         // A checkpoint by hand: a new segment, then the image before it.
         let checkpoint = |complete: bool| {
             let mut writer = backend.wal.lock_writer();
@@ -1533,9 +1528,7 @@ mod tests {
         };
         let store = Store::open_with(dir.path(), &config).expect("open");
         put(&store, "k", 5, 1);
-        let StoreBackend::Wal(backend) = store.engine.backend() else {
-            panic!("a wal store")
-        };
+        let backend = wal_of(&store);
         let deadline = Instant::now() + Duration::from_secs(10);
         while backend.wal.durable_seq.load(Ordering::Acquire) < 2 {
             assert!(
@@ -1617,9 +1610,7 @@ mod tests {
         for i in 0..10u64 {
             put(&store, "small", 1, i + 1);
         }
-        let StoreBackend::Wal(backend) = store.engine.backend() else {
-            panic!("a wal store")
-        };
+        let backend = wal_of(&store);
         let held =
             backend.wal.lock_pending().buf.capacity() + backend.wal.lock_writer().buffer.capacity();
         assert!(
@@ -1639,9 +1630,7 @@ mod tests {
         };
         let store = Store::open_with(dir.path(), &config).expect("open");
         put(&store, "k", 1, 1);
-        let StoreBackend::Wal(backend) = store.engine.backend() else {
-            panic!("a wal store")
-        };
+        let backend = wal_of(&store);
         {
             // A segment that cannot be written: every write fails (EBADF).
             let segment = dir.path().join(&segments(dir.path())[0]);

@@ -145,6 +145,22 @@ enum Event {
     Continue,
 }
 
+/// After a commit: the stored log must end where the committed Ready's log
+/// ended (a broken storage invariant otherwise: panic).
+fn check_stored_last<S: RaftLogStorage + ?Sized>(
+    storage: &S,
+    group: GroupId,
+    id: NodeId,
+    expected_last: u64,
+) -> Result<(), StorageError> {
+    let stored_last = storage.last_index(group)?;
+    assert_eq!(
+        stored_last, expected_last,
+        "node {id}: the stored log does not end where the committed Ready's log ended"
+    );
+    Ok(())
+}
+
 /// A `Ready`'s write batch handed to the node's storage thread, with the
 /// index the stored log must end at once it is committed.
 struct FlushJob {
@@ -225,14 +241,9 @@ impl StorageThread {
                                 .try_for_each(|job| storage.commit(job.batch)),
                         }
                     };
+                    let result = result
+                        .and_then(|()| check_stored_last(&*storage, group, id, expected_last));
                     let failed = result.is_err();
-                    if !failed {
-                        let stored_last = storage.last_index(group);
-                        assert!(
-                            matches!(stored_last, Ok(last) if last == expected_last),
-                            "node {id}: stored log ends at {stored_last:?} after a commit, not at {expected_last}"
-                        );
-                    }
                     // The driver is gone (stopping): nobody to tell.
                     let _ = flushed.send(Flushed { jobs, result });
                     if failed {
@@ -501,13 +512,12 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
     async fn commit_deferred(&mut self) -> Result<(), StorageError> {
         while let Some(job) = self.deferred.pop_front() {
             self.commit(job.batch).await?;
-            let stored_last = self.storage.last_index(self.group)?;
-            assert_eq!(
-                stored_last,
+            check_stored_last(
+                &*self.storage,
+                self.group,
+                self.core.id(),
                 job.expected_last,
-                "node {}: stored log does not end where the Ready's log ended",
-                self.core.id()
-            );
+            )?;
             if let Some(answers) = &self.answers_to_self {
                 let _ = answers.send(Flushed {
                     jobs: 1,
@@ -759,13 +769,8 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
                 if installs_snapshot {
                     self.metrics.snapshots_installed += 1;
                 }
-                let stored_last = self.storage.last_index(self.group)?;
-                assert_eq!(
-                    stored_last,
-                    self.core.last_index(),
-                    "node {}: stored log does not end where the core's log ends after a commit",
-                    self.core.id()
-                );
+                let expected_last = self.core.last_index();
+                check_stored_last(&*self.storage, self.group, self.core.id(), expected_last)?;
             }
             // 2. Send the rest, only now that the Ready is durable.
             for message in std::mem::take(&mut ready.messages) {
