@@ -324,9 +324,20 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
     if stopped_by_itself.is_none() {
         hand_over_leadership(&server, &endpoint, &voters).await;
     }
+    let metrics = server.rsm().node().status().metrics;
     server.shutdown().await;
     endpoint.shutdown().await;
-    tracing::info!(node = id, "server: stopped");
+    tracing::info!(
+        node = id,
+        flushes = metrics.flushes,
+        entries_persisted = metrics.entries_persisted,
+        entries_per_flush = format_args!("{:.1}", metrics.entries_per_flush()),
+        entries_per_append = format_args!("{:.1}", metrics.entries_per_append()),
+        messages_sent = metrics.messages_sent,
+        messages_received = metrics.messages_received,
+        slow_commits = metrics.slow_commits,
+        "server: stopped"
+    );
     match stopped_by_itself {
         None => Ok(ExitCode::SUCCESS),
         Some(reason) => bail!("node {id} stopped: {reason}"),
