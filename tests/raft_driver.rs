@@ -1,8 +1,9 @@
 //! The node driver's own guarantees, beyond the Lab 3 scenarios: shutdown
 //! (no further writes, storage released, channel closed), bad network input,
 //! backpressure from a slow service, group commit, read index, leadership
-//! transfer, restart from a snapshot, fail-stop on storage errors, and a
-//! multi-thread runtime with sled. In-memory stores and the simulated
+//! transfer, restart from a snapshot, fail-stop on storage errors, a
+//! multi-thread runtime with sled, and acknowledgements held until the
+//! storage thread's flush finishes. In-memory stores and the simulated
 //! network on tokio's paused clock unless said otherwise.
 
 use std::time::Duration;
@@ -804,4 +805,185 @@ async fn a_storage_thread_panic_reaches_shutdown() {
         .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_default();
     assert_eq!(message, STORAGE_PANIC);
+}
+
+/// A `MemStore` whose commits, once armed, wait inside `commit` until the
+/// test releases them: a flush that has not finished yet.
+#[derive(Clone)]
+struct HeldStore {
+    inner: MemStore,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    entered: mpsc::UnboundedSender<()>,
+    release: std::sync::Arc<std::sync::Mutex<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl raftkv::storage::Storage for HeldStore {
+    fn commit(
+        &self,
+        batch: raftkv::storage::WriteBatch,
+    ) -> Result<(), raftkv::storage::StorageError> {
+        if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = self.entered.send(());
+            self.release
+                .lock()
+                .unwrap()
+                .recv()
+                .expect("the test releases every held commit");
+        }
+        self.inner.commit(batch)
+    }
+}
+
+impl RaftLogStorage for HeldStore {
+    fn groups(&self) -> Result<Vec<u64>, raftkv::storage::StorageError> {
+        self.inner.groups()
+    }
+    fn hard_state(
+        &self,
+        group: u64,
+    ) -> Result<raftkv::raft::HardState, raftkv::storage::StorageError> {
+        self.inner.hard_state(group)
+    }
+    fn first_index(&self, group: u64) -> Result<u64, raftkv::storage::StorageError> {
+        self.inner.first_index(group)
+    }
+    fn last_index(&self, group: u64) -> Result<u64, raftkv::storage::StorageError> {
+        self.inner.last_index(group)
+    }
+    fn term(&self, group: u64, index: u64) -> Result<u64, raftkv::storage::StorageError> {
+        self.inner.term(group, index)
+    }
+    fn entries(
+        &self,
+        group: u64,
+        lo: u64,
+        hi: u64,
+        bytes_max: u64,
+    ) -> Result<Vec<Entry>, raftkv::storage::StorageError> {
+        self.inner.entries(group, lo, hi, bytes_max)
+    }
+    fn snapshot_meta(
+        &self,
+        group: u64,
+    ) -> Result<raftkv::raft::SnapshotMeta, raftkv::storage::StorageError> {
+        self.inner.snapshot_meta(group)
+    }
+    fn snapshot(
+        &self,
+        group: u64,
+    ) -> Result<(raftkv::raft::SnapshotMeta, Bytes), raftkv::storage::StorageError> {
+        self.inner.snapshot(group)
+    }
+    fn raft_state_bytes(&self, group: u64) -> Result<u64, raftkv::storage::StorageError> {
+        self.inner.raft_state_bytes(group)
+    }
+}
+
+// With asynchronous persistence on the storage thread (the server's mode), a
+// follower's acknowledgement of entries and of a new term stays in the node
+// while their flush is unfinished, however long that takes, and leaves once
+// the store has them: the durability contract at the driver's level, with
+// the window between hand-over and flush held wide open. (Real time: the
+// storage thread is an OS thread.)
+#[tokio::test]
+async fn acknowledgements_wait_for_the_storage_thread_flush() {
+    let (entered_tx, mut entered) = mpsc::unbounded_channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let store = HeldStore {
+        inner: MemStore::open(&MemDisk::new()).unwrap(),
+        armed: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        entered: entered_tx,
+        release: std::sync::Arc::new(std::sync::Mutex::new(release_rx)),
+    };
+    let net = SimNetwork::new(SimConfig::new(21));
+    let mut config = NodeConfig {
+        storage_thread: true,
+        ..config(2)
+    };
+    // Node 2 must not campaign while the test plays node 1, its leader.
+    config.raft.election_timeout_ticks_min = 100_000;
+    config.raft.election_timeout_ticks_max = 200_000;
+    let (node, _applied) = RaftNode::start(
+        2,
+        &[1, 2, 3],
+        config,
+        store.clone(),
+        net.add_node(2).unwrap(),
+    )
+    .unwrap();
+    let leader = net.add_node(1).unwrap();
+    let mut leader_inbox = leader.inbox::<RaftEnvelope>(64).unwrap();
+    let append = |prev: u64, index: u64| RaftEnvelope {
+        group: 0,
+        message: Message {
+            from: 1,
+            to: 2,
+            term: 1,
+            body: MessageBody::Append {
+                prev_log_index: prev,
+                prev_log_term: if prev == 0 { 0 } else { 1 },
+                entries: vec![Entry {
+                    index,
+                    term: 1,
+                    kind: EntryKind::Normal,
+                    data: command(index),
+                }],
+                leader_commit: 0,
+            },
+        },
+    };
+    let mut status = node.subscribe();
+    // A new term and entry 1: the flush is held; entry 2 queues behind it.
+    leader.send(2, &append(0, 1)).unwrap();
+    timeout(Duration::from_secs(10), entered.recv())
+        .await
+        .expect("the flush starts within 10 s")
+        .unwrap();
+    leader.send(2, &append(1, 2)).unwrap();
+    let handled = timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| s.metrics.messages_received >= 2),
+    )
+    .await
+    .expect("both appends handled within 10 s")
+    .unwrap()
+    .metrics;
+    assert_eq!(
+        handled.messages_sent, 0,
+        "an acknowledgement left before its flush finished"
+    );
+    assert_eq!(
+        store.hard_state(0).unwrap().term,
+        0,
+        "the flush is still held"
+    );
+    assert!(leader_inbox.try_recv().is_none());
+    // Release the flushes one at a time: each acknowledgement the leader
+    // receives is backed by the store at that moment.
+    store
+        .armed
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    release.send(()).unwrap();
+    let mut acknowledged = 0;
+    while acknowledged < 2 {
+        let (from, envelope) = timeout(Duration::from_secs(10), leader_inbox.recv())
+            .await
+            .expect("acknowledged within 10 s")
+            .unwrap();
+        assert_eq!(from, 2);
+        let MessageBody::AppendResponse {
+            outcome: raftkv::raft::AppendOutcome::Success { match_index },
+        } = envelope.message.body
+        else {
+            panic!("unexpected message {envelope:?}");
+        };
+        assert_eq!(envelope.message.term, 1);
+        assert_eq!(store.hard_state(0).unwrap().term, 1);
+        assert!(
+            store.last_index(0).unwrap() >= match_index,
+            "entry {match_index} acknowledged before it was stored"
+        );
+        acknowledged = match_index;
+    }
+    node.shutdown().await;
 }
