@@ -429,18 +429,8 @@ impl RaftCore {
         if self.pending_ready.is_some() {
             return false;
         }
-        if self.role == Role::Leader {
-            if self.broadcast_pending && !self.progress.is_empty() {
-                return true;
-            }
-            let committed = self.log.committed();
-            if self
-                .progress
-                .values()
-                .any(|p| p.commit_sent < p.match_index.min(committed))
-            {
-                return true;
-            }
+        if self.role == Role::Leader && self.broadcast_pending && !self.progress.is_empty() {
+            return true;
         }
         self.hard_state() != self.hard_state_handed
             || self.log.has_unpersisted()
@@ -453,21 +443,8 @@ impl RaftCore {
     /// in [`Ready`], then call [`advance`](Self::advance).
     pub fn ready(&mut self) -> Ready {
         self.assert_no_pending_ready();
-        if self.role == Role::Leader {
-            if self.broadcast_pending {
-                self.broadcast_append();
-            }
-            // Tell followers about commits they have not heard of yet.
-            let committed = self.log.committed();
-            let stale: Vec<NodeId> = self
-                .progress
-                .iter()
-                .filter(|(_, p)| p.commit_sent < p.match_index.min(committed))
-                .map(|(&id, _)| id)
-                .collect();
-            for peer in stale {
-                self.send_heartbeat(peer);
-            }
+        if self.role == Role::Leader && self.broadcast_pending {
+            self.broadcast_append();
         }
         self.broadcast_pending = false;
         self.read_round_fresh = false;
@@ -1089,13 +1066,18 @@ impl RaftCore {
                 self.transfer = None;
             }
         }
+        // Heartbeats go to idle peers, and to peers that have not heard of
+        // a commit yet: the next tick tells them, unless an append (which
+        // carries the commit index) goes out first.
         let interval = self.config.heartbeat_interval_ticks;
+        let committed = self.log.committed();
         let due: Vec<NodeId> = self
             .progress
             .iter_mut()
             .filter_map(|(&id, pr)| {
                 pr.idle_ticks += 1;
-                (pr.idle_ticks >= interval).then_some(id)
+                let stale_commit = pr.commit_sent < pr.match_index.min(committed);
+                (pr.idle_ticks >= interval || stale_commit).then_some(id)
             })
             .collect();
         for peer in due {

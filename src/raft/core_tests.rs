@@ -634,6 +634,55 @@ fn s5_4_2_leader_counts_itself_only_after_persisting() {
     assert_eq!(cycle(&mut n).committed.len(), 1);
 }
 
+// A commit reaches the followers with the next append, or at the next tick
+// when no append goes out first: no message of its own per commit (under
+// load that would double the messages per round trip).
+#[test]
+fn commit_index_travels_with_the_next_append_or_tick() {
+    let mut n = core(1, &[1, 2, 3]);
+    elect(&mut n, &[1, 2, 3]);
+    cycle(&mut n);
+    n.propose(Bytes::from_static(b"a")).unwrap();
+    cycle(&mut n);
+    n.step(success(2, 1, 1, 1)).unwrap();
+    n.step(success(3, 1, 1, 1)).unwrap();
+    assert_eq!(n.commit_index(), 1);
+    let out = cycle(&mut n);
+    assert_eq!(out.committed.len(), 1);
+    assert!(out.messages.is_empty(), "{:?}", out.messages);
+    assert!(!n.has_ready());
+    // A proposal's append carries the commit to follower 2 ...
+    n.propose(Bytes::from_static(b"b")).unwrap();
+    let out = cycle(&mut n);
+    for to in [2, 3] {
+        assert!(matches!(
+            bodies_to(&out, to)[..],
+            [MessageBody::Append {
+                leader_commit: 1,
+                ..
+            }]
+        ));
+    }
+    n.step(success(2, 1, 1, 2)).unwrap();
+    assert_eq!(n.commit_index(), 2);
+    cycle(&mut n);
+    // ... and with no append pending, the next tick tells each follower
+    // what it has not heard of, bounded by what it holds: 2 learns index 2;
+    // 3 (which acknowledged only 1) already knows 1 and gets nothing early.
+    n.tick();
+    let out = cycle(&mut n);
+    assert_eq!(
+        bodies_to(&out, 2),
+        vec![MessageBody::Heartbeat {
+            leader_commit: 2,
+            read_round: 0
+        }]
+    );
+    assert!(bodies_to(&out, 3).is_empty(), "{:?}", bodies_to(&out, 3));
+    n.tick();
+    assert!(cycle(&mut n).messages.is_empty(), "told once");
+}
+
 // ----- §7 log compaction ---------------------------------------------------
 
 fn snapshot(index: u64, term: u64, data: &'static [u8]) -> Snapshot {
