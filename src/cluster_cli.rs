@@ -324,9 +324,10 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
     if stopped_by_itself.is_none() {
         hand_over_leadership(&server, &endpoint, &voters).await;
     }
-    let metrics = server.rsm().node().status().metrics;
     server.shutdown().await;
     endpoint.shutdown().await;
+    // The driver publishes its final counters when it stops.
+    let metrics = server.rsm().node().status().metrics;
     tracing::info!(
         node = id,
         flushes = metrics.flushes,

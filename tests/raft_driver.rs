@@ -933,19 +933,33 @@ async fn acknowledgements_wait_for_the_storage_thread_flush() {
         },
     };
     let mut status = node.subscribe();
-    // A new term and entry 1: the flush is held; entry 2 queues behind it.
+    // A new term and entry 1: the flush is held. Behind it, a duplicate of
+    // that append (its Ready writes nothing, but its acknowledgement reports
+    // entry 1) and entry 2 (a second flush).
     leader.send(2, &append(0, 1)).unwrap();
     timeout(Duration::from_secs(10), entered.recv())
         .await
         .expect("the flush starts within 10 s")
         .unwrap();
+    leader.send(2, &append(0, 1)).unwrap();
+    // Handled in a turn of its own (the status value always holds the
+    // counters of the last turn, but announces only watched fields).
+    timeout(Duration::from_secs(10), async {
+        while node.status().metrics.messages_received < 2 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the duplicate handled within 10 s");
     leader.send(2, &append(1, 2)).unwrap();
+    // Entry 2 moves the last index, a watched field: the notification
+    // comes after the turn that handled it.
     let handled = timeout(
         Duration::from_secs(10),
-        status.wait_for(|s| s.metrics.messages_received >= 2),
+        status.wait_for(|s| s.metrics.messages_received >= 3),
     )
     .await
-    .expect("both appends handled within 10 s")
+    .expect("the three appends handled within 10 s")
     .unwrap()
     .metrics;
     assert_eq!(
@@ -958,15 +972,9 @@ async fn acknowledgements_wait_for_the_storage_thread_flush() {
         "the flush is still held"
     );
     assert!(leader_inbox.try_recv().is_none());
-    // Release the flushes one at a time: each acknowledgement the leader
-    // receives is backed by the store at that moment.
-    store
-        .armed
-        .store(false, std::sync::atomic::Ordering::SeqCst);
-    release.send(()).unwrap();
-    let mut acknowledged = 0;
-    while acknowledged < 2 {
-        let (from, envelope) = timeout(Duration::from_secs(10), leader_inbox.recv())
+    // Each acknowledgement the leader receives must be backed by the store.
+    async fn next_ack(inbox: &mut raftkv::net::Inbox<RaftEnvelope>, store: &HeldStore) -> u64 {
+        let (from, envelope) = timeout(Duration::from_secs(10), inbox.recv())
             .await
             .expect("acknowledged within 10 s")
             .unwrap();
@@ -983,7 +991,24 @@ async fn acknowledgements_wait_for_the_storage_thread_flush() {
             store.last_index(0).unwrap() >= match_index,
             "entry {match_index} acknowledged before it was stored"
         );
-        acknowledged = match_index;
+        match_index
     }
+    // The first flush finishes; the second is held in turn. Entry 1's
+    // acknowledgements (the append's and the duplicate's) leave, entry 2's
+    // does not: the turn that sent the first two sent nothing else.
+    release.send(()).unwrap();
+    assert_eq!(next_ack(&mut leader_inbox, &store).await, 1);
+    assert_eq!(next_ack(&mut leader_inbox, &store).await, 1);
+    timeout(Duration::from_secs(10), entered.recv())
+        .await
+        .expect("the second flush starts within 10 s")
+        .unwrap();
+    assert_eq!(node.status().metrics.messages_sent, 2);
+    assert_eq!(store.last_index(0).unwrap(), 1);
+    store
+        .armed
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    release.send(()).unwrap();
+    assert_eq!(next_ack(&mut leader_inbox, &store).await, 2);
     node.shutdown().await;
 }

@@ -22,8 +22,9 @@ pub struct Config {
     /// A leader sends a heartbeat to a peer after this many ticks without
     /// sending it anything. Default 10 (10 heartbeats per second per peer at
     /// 10 ms ticks, the maximum the labs allow). A commit the peer has not
-    /// heard of goes with the next append, or else in a heartbeat at the next
-    /// tick.
+    /// heard of goes with the next append, or else (typically) in a heartbeat
+    /// at the next tick; if that message is lost, with a later append or
+    /// idle heartbeat.
     pub heartbeat_interval_ticks: u64,
     /// Run a pre-vote round (§9.6 of Ongaro's thesis) before incrementing the
     /// term, so a partitioned node cannot disrupt the cluster. Default on.

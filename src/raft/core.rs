@@ -1283,6 +1283,13 @@ impl RaftCore {
         };
         if ready && self.progress[&peer].match_index == last_index {
             self.transfer.as_mut().expect("checked").timeout_now_sent = true;
+            // The target first learns every commit it holds (links keep
+            // order): as the new leader it then applies them at once, not
+            // only after an entry of its own term commits.
+            let pr = &self.progress[&peer];
+            if pr.commit_sent < pr.match_index.min(self.log.committed()) {
+                self.send_heartbeat(peer);
+            }
             self.send(peer, MessageBody::TimeoutNow);
         }
     }

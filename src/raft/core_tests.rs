@@ -641,9 +641,18 @@ fn s5_4_2_leader_counts_itself_only_after_persisting() {
 fn commit_index_travels_with_the_next_append_or_tick() {
     let mut n = core(1, &[1, 2, 3]);
     elect(&mut n, &[1, 2, 3]);
+    cycle(&mut n); // the empty probes
+    n.step(success(2, 1, 1, 0)).unwrap();
+    n.step(success(3, 1, 1, 0)).unwrap();
     cycle(&mut n);
     n.propose(Bytes::from_static(b"a")).unwrap();
-    cycle(&mut n);
+    let out = cycle(&mut n);
+    for to in [2, 3] {
+        assert!(matches!(
+            bodies_to(&out, to)[..],
+            [MessageBody::Append { leader_commit: 0, ref entries, .. }] if entries.len() == 1
+        ));
+    }
     n.step(success(2, 1, 1, 1)).unwrap();
     n.step(success(3, 1, 1, 1)).unwrap();
     assert_eq!(n.commit_index(), 1);
@@ -651,7 +660,7 @@ fn commit_index_travels_with_the_next_append_or_tick() {
     assert_eq!(out.committed.len(), 1);
     assert!(out.messages.is_empty(), "{:?}", out.messages);
     assert!(!n.has_ready());
-    // A proposal's append carries the commit to follower 2 ...
+    // A proposal's append carries the commit ...
     n.propose(Bytes::from_static(b"b")).unwrap();
     let out = cycle(&mut n);
     for to in [2, 3] {
@@ -665,7 +674,9 @@ fn commit_index_travels_with_the_next_append_or_tick() {
     }
     n.step(success(2, 1, 1, 2)).unwrap();
     assert_eq!(n.commit_index(), 2);
-    cycle(&mut n);
+    let out = cycle(&mut n);
+    assert_eq!(out.committed.len(), 1);
+    assert!(out.messages.is_empty(), "{:?}", out.messages);
     // ... and with no append pending, the next tick tells each follower
     // what it has not heard of, bounded by what it holds: 2 learns index 2;
     // 3 (which acknowledged only 1) already knows 1 and gets nothing early.
@@ -681,6 +692,48 @@ fn commit_index_travels_with_the_next_append_or_tick() {
     assert!(bodies_to(&out, 3).is_empty(), "{:?}", bodies_to(&out, 3));
     n.tick();
     assert!(cycle(&mut n).messages.is_empty(), "told once");
+}
+
+// A leadership-transfer target hears of every commit it holds before
+// TimeoutNow (on an ordered link), so as the new leader it applies them at
+// once instead of after an entry of its own term commits.
+#[test]
+fn transfer_target_learns_the_commit_before_timeout_now() {
+    let mut n = core(1, &[1, 2, 3]);
+    elect(&mut n, &[1, 2, 3]);
+    cycle(&mut n); // the empty probes
+    n.step(success(2, 1, 1, 0)).unwrap();
+    n.step(success(3, 1, 1, 0)).unwrap();
+    cycle(&mut n);
+    n.propose(Bytes::from_static(b"a")).unwrap();
+    cycle(&mut n); // entry 1 goes to both with commit 0
+    n.transfer_leader(2).unwrap();
+    n.step(success(3, 1, 1, 1)).unwrap();
+    assert_eq!(n.commit_index(), 1);
+    // Only the transfer's own probe of 2, sent before the commit.
+    let sent = bodies_to(&cycle(&mut n), 2);
+    assert!(
+        matches!(
+            sent[..],
+            [MessageBody::Append {
+                leader_commit: 0,
+                ..
+            }]
+        ),
+        "{sent:?}"
+    );
+    // Target 2 catches up: the commit, then TimeoutNow.
+    n.step(success(2, 1, 1, 1)).unwrap();
+    assert_eq!(
+        bodies_to(&cycle(&mut n), 2),
+        vec![
+            MessageBody::Heartbeat {
+                leader_commit: 1,
+                read_round: 0
+            },
+            MessageBody::TimeoutNow
+        ]
+    );
 }
 
 // ----- §7 log compaction ---------------------------------------------------
