@@ -693,28 +693,36 @@ async fn sled_cluster_commits_50_and_releases_storage(storage_thread: bool) {
     }
 }
 
-/// A `MemStore` whose commits panic once armed: a storage invariant broken.
+/// A `MemStore` that runs a hook before every commit: to break a storage
+/// invariant (panic) or to hold a flush open (wait for the test).
 #[derive(Clone)]
-struct PanickingStore {
+struct HookedStore {
     inner: MemStore,
-    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    before_commit: std::sync::Arc<dyn Fn() + Send + Sync>,
+}
+
+impl HookedStore {
+    fn new(before_commit: impl Fn() + Send + Sync + 'static) -> HookedStore {
+        HookedStore {
+            inner: MemStore::open(&MemDisk::new()).unwrap(),
+            before_commit: std::sync::Arc::new(before_commit),
+        }
+    }
 }
 
 const STORAGE_PANIC: &str = "storage invariant broken (test)";
 
-impl raftkv::storage::Storage for PanickingStore {
+impl raftkv::storage::Storage for HookedStore {
     fn commit(
         &self,
         batch: raftkv::storage::WriteBatch,
     ) -> Result<(), raftkv::storage::StorageError> {
-        if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
-            panic!("{STORAGE_PANIC}");
-        }
+        (self.before_commit)();
         self.inner.commit(batch)
     }
 }
 
-impl RaftLogStorage for PanickingStore {
+impl RaftLogStorage for HookedStore {
     fn groups(&self) -> Result<Vec<u64>, raftkv::storage::StorageError> {
         self.inner.groups()
     }
@@ -764,9 +772,13 @@ impl RaftLogStorage for PanickingStore {
 #[tokio::test]
 async fn a_storage_thread_panic_reaches_shutdown() {
     let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let store = PanickingStore {
-        inner: MemStore::open(&MemDisk::new()).unwrap(),
-        armed: armed.clone(),
+    let store = {
+        let armed = armed.clone();
+        HookedStore::new(move || {
+            if armed.load(std::sync::atomic::Ordering::SeqCst) {
+                panic!("{STORAGE_PANIC}");
+            }
+        })
     };
     let net = SimNetwork::new(SimConfig::new(12));
     let config = NodeConfig {
@@ -807,78 +819,6 @@ async fn a_storage_thread_panic_reaches_shutdown() {
     assert_eq!(message, STORAGE_PANIC);
 }
 
-/// A `MemStore` whose commits, once armed, wait inside `commit` until the
-/// test releases them: a flush that has not finished yet.
-#[derive(Clone)]
-struct HeldStore {
-    inner: MemStore,
-    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    entered: mpsc::UnboundedSender<()>,
-    release: std::sync::Arc<std::sync::Mutex<std::sync::mpsc::Receiver<()>>>,
-}
-
-impl raftkv::storage::Storage for HeldStore {
-    fn commit(
-        &self,
-        batch: raftkv::storage::WriteBatch,
-    ) -> Result<(), raftkv::storage::StorageError> {
-        if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
-            let _ = self.entered.send(());
-            self.release
-                .lock()
-                .unwrap()
-                .recv()
-                .expect("the test releases every held commit");
-        }
-        self.inner.commit(batch)
-    }
-}
-
-impl RaftLogStorage for HeldStore {
-    fn groups(&self) -> Result<Vec<u64>, raftkv::storage::StorageError> {
-        self.inner.groups()
-    }
-    fn hard_state(
-        &self,
-        group: u64,
-    ) -> Result<raftkv::raft::HardState, raftkv::storage::StorageError> {
-        self.inner.hard_state(group)
-    }
-    fn first_index(&self, group: u64) -> Result<u64, raftkv::storage::StorageError> {
-        self.inner.first_index(group)
-    }
-    fn last_index(&self, group: u64) -> Result<u64, raftkv::storage::StorageError> {
-        self.inner.last_index(group)
-    }
-    fn term(&self, group: u64, index: u64) -> Result<u64, raftkv::storage::StorageError> {
-        self.inner.term(group, index)
-    }
-    fn entries(
-        &self,
-        group: u64,
-        lo: u64,
-        hi: u64,
-        bytes_max: u64,
-    ) -> Result<Vec<Entry>, raftkv::storage::StorageError> {
-        self.inner.entries(group, lo, hi, bytes_max)
-    }
-    fn snapshot_meta(
-        &self,
-        group: u64,
-    ) -> Result<raftkv::raft::SnapshotMeta, raftkv::storage::StorageError> {
-        self.inner.snapshot_meta(group)
-    }
-    fn snapshot(
-        &self,
-        group: u64,
-    ) -> Result<(raftkv::raft::SnapshotMeta, Bytes), raftkv::storage::StorageError> {
-        self.inner.snapshot(group)
-    }
-    fn raft_state_bytes(&self, group: u64) -> Result<u64, raftkv::storage::StorageError> {
-        self.inner.raft_state_bytes(group)
-    }
-}
-
 // With asynchronous persistence on the storage thread (the server's mode), a
 // follower's acknowledgement of entries and of a new term stays in the node
 // while their flush is unfinished, however long that takes, and leaves once
@@ -889,11 +829,22 @@ impl RaftLogStorage for HeldStore {
 async fn acknowledgements_wait_for_the_storage_thread_flush() {
     let (entered_tx, mut entered) = mpsc::unbounded_channel();
     let (release, release_rx) = std::sync::mpsc::channel();
-    let store = HeldStore {
-        inner: MemStore::open(&MemDisk::new()).unwrap(),
-        armed: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
-        entered: entered_tx,
-        release: std::sync::Arc::new(std::sync::Mutex::new(release_rx)),
+    // Once armed, a commit waits inside the store until the test releases
+    // it: a flush that has not finished yet.
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let store = {
+        let armed = armed.clone();
+        let release = std::sync::Mutex::new(release_rx);
+        HookedStore::new(move || {
+            if armed.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = entered_tx.send(());
+                release
+                    .lock()
+                    .unwrap()
+                    .recv()
+                    .expect("the test releases every held commit");
+            }
+        })
     };
     let net = SimNetwork::new(SimConfig::new(21));
     let mut config = NodeConfig {
@@ -973,7 +924,7 @@ async fn acknowledgements_wait_for_the_storage_thread_flush() {
     );
     assert!(leader_inbox.try_recv().is_none());
     // Each acknowledgement the leader receives must be backed by the store.
-    async fn next_ack(inbox: &mut raftkv::net::Inbox<RaftEnvelope>, store: &HeldStore) -> u64 {
+    async fn next_ack(inbox: &mut raftkv::net::Inbox<RaftEnvelope>, store: &HookedStore) -> u64 {
         let (from, envelope) = timeout(Duration::from_secs(10), inbox.recv())
             .await
             .expect("acknowledged within 10 s")
@@ -1005,9 +956,7 @@ async fn acknowledgements_wait_for_the_storage_thread_flush() {
         .unwrap();
     assert_eq!(node.status().metrics.messages_sent, 2);
     assert_eq!(store.last_index(0).unwrap(), 1);
-    store
-        .armed
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    armed.store(false, std::sync::atomic::Ordering::SeqCst);
     release.send(()).unwrap();
     assert_eq!(next_ack(&mut leader_inbox, &store).await, 2);
     node.shutdown().await;

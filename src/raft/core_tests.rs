@@ -634,17 +634,23 @@ fn s5_4_2_leader_counts_itself_only_after_persisting() {
     assert_eq!(cycle(&mut n).committed.len(), 1);
 }
 
-// A commit reaches the followers with the next append, or at the next tick
-// when no append goes out first: no message of its own per commit (under
-// load that would double the messages per round trip).
-#[test]
-fn commit_index_travels_with_the_next_append_or_tick() {
+/// Node 1 leading 2 and 3 in term 1, both probes answered: appends flow.
+fn replicating_leader() -> RaftCore {
     let mut n = core(1, &[1, 2, 3]);
     elect(&mut n, &[1, 2, 3]);
     cycle(&mut n); // the empty probes
     n.step(success(2, 1, 1, 0)).unwrap();
     n.step(success(3, 1, 1, 0)).unwrap();
     cycle(&mut n);
+    n
+}
+
+// A commit reaches the followers with the next append, or at the next tick
+// when no append goes out first: no message of its own per commit (under
+// load that would double the messages per round trip).
+#[test]
+fn commit_index_travels_with_the_next_append_or_tick() {
+    let mut n = replicating_leader();
     n.propose(Bytes::from_static(b"a")).unwrap();
     let out = cycle(&mut n);
     for to in [2, 3] {
@@ -699,12 +705,7 @@ fn commit_index_travels_with_the_next_append_or_tick() {
 // once instead of after an entry of its own term commits.
 #[test]
 fn transfer_target_learns_the_commit_before_timeout_now() {
-    let mut n = core(1, &[1, 2, 3]);
-    elect(&mut n, &[1, 2, 3]);
-    cycle(&mut n); // the empty probes
-    n.step(success(2, 1, 1, 0)).unwrap();
-    n.step(success(3, 1, 1, 0)).unwrap();
-    cycle(&mut n);
+    let mut n = replicating_leader();
     n.propose(Bytes::from_static(b"a")).unwrap();
     cycle(&mut n); // entry 1 goes to both with commit 0
     n.transfer_leader(2).unwrap();
