@@ -1076,8 +1076,7 @@ impl RaftCore {
             .iter_mut()
             .filter_map(|(&id, pr)| {
                 pr.idle_ticks += 1;
-                let stale_commit = pr.commit_sent < pr.match_index.min(committed);
-                (pr.idle_ticks >= interval || stale_commit).then_some(id)
+                (pr.idle_ticks >= interval || pr.lacks_commit(committed)).then_some(id)
             })
             .collect();
         for peer in due {
@@ -1286,8 +1285,7 @@ impl RaftCore {
             // The target first learns every commit it holds (links keep
             // order): as the new leader it then applies them at once, not
             // only after an entry of its own term commits.
-            let pr = &self.progress[&peer];
-            if pr.commit_sent < pr.match_index.min(self.log.committed()) {
+            if self.progress[&peer].lacks_commit(self.log.committed()) {
                 self.send_heartbeat(peer);
             }
             self.send(peer, MessageBody::TimeoutNow);

@@ -59,6 +59,12 @@ impl Progress {
         }
     }
 
+    /// The follower holds entries up to a commit index (`committed`, the
+    /// leader's) it has not been told yet.
+    pub(crate) fn lacks_commit(&self, committed: u64) -> bool {
+        self.commit_sent < self.match_index.min(committed)
+    }
+
     pub(crate) fn is_paused(&self, inflight_max: usize) -> bool {
         match self.state {
             ProgressState::Probe | ProgressState::Snapshot { .. } => self.paused,
