@@ -25,11 +25,30 @@ while [ $# -gt 0 ]; do
 done
 OUT=$(mktemp -t compare-etcd.XXXXXX)
 trap 'rm -f "$OUT"' EXIT
+# The disk's speed right now (both systems' figures move with it): p50 of 300 rounds of a
+# 200-byte pwrite + fdatasync in a zero-filled file where the benchmarks keep their data.
+disk() {
+  python3 - <<'EOF'
+import os, statistics, tempfile, time
+fd, path = tempfile.mkstemp(prefix="compare-etcd-disk.")
+try:
+    os.write(fd, bytes(1 << 20)); os.fsync(fd)
+    took = []
+    for i in range(300):
+        start = time.perf_counter()
+        os.pwrite(fd, b"x" * 200, i * 512)
+        os.fdatasync(fd)
+        took.append(time.perf_counter() - start)
+    print(f"fdatasync p50 {statistics.median(took) * 1e6:.0f} µs")
+finally:
+    os.close(fd); os.unlink(path)
+EOF
+}
 for round in $(seq 1 "$ROUNDS"); do
-  echo "round $round/$ROUNDS: etcd (load $(cut -d' ' -f1 /proc/loadavg))" >&2
+  echo "round $round/$ROUNDS: etcd (load $(cut -d' ' -f1 /proc/loadavg), $(disk))" >&2
   scripts/etcd-bench.sh --duration "$DURATION" --clients "$CLIENTS" -- --json 2>/dev/null \
     | grep '^{' | sed 's/^/etcd /' >>"$OUT"
-  echo "round $round/$ROUNDS: raftkv (load $(cut -d' ' -f1 /proc/loadavg))" >&2
+  echo "round $round/$ROUNDS: raftkv (load $(cut -d' ' -f1 /proc/loadavg), $(disk))" >&2
   scripts/cluster-bench.sh --duration "$DURATION" --clients "$CLIENTS" -- --keys 1000 --json \
     2>/dev/null | grep '^{' | sed 's/^/raftkv /' >>"$OUT"
 done
