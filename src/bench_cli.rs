@@ -32,7 +32,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::kv_cli::{ClientArgs, print_line, runtime, tcp_client};
+use crate::kv_cli::{ClientArgs, print_line, runtime_with_threads, tcp_client};
 
 /// Longest latency the histograms track; slower operations are clamped.
 const LATENCY_MAX_US: u64 = 60_000_000;
@@ -89,6 +89,11 @@ pub struct BenchArgs {
     /// Record the history and check it for linearizability (exit 1 if it is not).
     #[arg(long)]
     check: bool,
+    /// Runtime threads of the load generator: 1 drives every client from one
+    /// thread (the requests of a round then leave in few writes, and no
+    /// wake-up crosses threads); N > 1 a work-stealing runtime with N workers.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
 }
 
 /// Parses `10s`, `500ms`, `2m`, `1h` or a bare number of seconds.
@@ -259,7 +264,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             raftkv::kv::VALUE_BYTES_MAX
         );
     }
-    runtime()?.block_on(run(args, keys))
+    runtime_with_threads(args.threads)?.block_on(run(args, keys))
 }
 
 async fn run(args: BenchArgs, key_count: u64) -> anyhow::Result<ExitCode> {

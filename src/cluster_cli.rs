@@ -190,18 +190,7 @@ async fn check_cluster(
 /// `raftkv server`: serves until SIGINT or SIGTERM, then hands leadership
 /// over (if it leads), stops the node and exits 0.
 pub fn server(args: ServerArgs) -> anyhow::Result<ExitCode> {
-    let runtime = if args.threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(usize::from(args.threads))
-            .enable_all()
-            .build()
-    }
-    .context("cannot start the async runtime")?;
-    runtime.block_on(serve(args))
+    crate::kv_cli::runtime_with_threads(args.threads)?.block_on(serve(args))
 }
 
 /// KV namespace of a server's data directory that records which node of

@@ -166,6 +166,22 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Runtime::new().context("cannot start the async runtime")
 }
 
+/// A current-thread runtime for `threads == 1`, else a work-stealing one
+/// with `threads` workers.
+pub(crate) fn runtime_with_threads(threads: u16) -> anyhow::Result<tokio::runtime::Runtime> {
+    if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(threads))
+            .enable_all()
+            .build()
+    }
+    .context("cannot start the async runtime")
+}
+
 pub(crate) async fn resolve(address: &str) -> anyhow::Result<SocketAddr> {
     tokio::net::lookup_host(address)
         .await

@@ -74,6 +74,10 @@ struct Args {
     /// Per-operation timeout in milliseconds (counted as a timeout).
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     timeout_ms: u64,
+    /// Runtime threads of the load generator: 1 a current-thread runtime,
+    /// N > 1 a work-stealing one with N workers (as `raftkv bench --threads`).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -192,10 +196,19 @@ fn main() -> anyhow::Result<ExitCode> {
     if args.keys == 0 {
         anyhow::bail!("--keys must be at least 1");
     }
-    // The same runtime as `raftkv bench`: tokio's default multi-thread one.
-    tokio::runtime::Runtime::new()
-        .context("cannot start the async runtime")?
-        .block_on(run(args))
+    // The same runtimes as `raftkv bench --threads N`.
+    if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(args.threads))
+            .enable_all()
+            .build()
+    }
+    .context("cannot start the async runtime")?
+    .block_on(run(args))
 }
 
 fn connect_options(args: &Args) -> ConnectOptions {
