@@ -1186,6 +1186,39 @@ mod tests {
         }
     }
 
+    impl Stalled {
+        /// Queues a job behind the held one.
+        fn queue(&self, batch: WriteBatch, expected_last: u64) {
+            self.jobs
+                .send(FlushJob {
+                    batch,
+                    expected_last,
+                })
+                .unwrap();
+        }
+
+        /// Lets the held commit finish (it succeeds) and returns the answer
+        /// for what the thread committed next.
+        fn release_and_next(&mut self) -> super::Flushed {
+            self.release.send(()).unwrap();
+            assert!(self.flushed_rx.blocking_recv().unwrap().result.is_ok());
+            self.flushed_rx.blocking_recv().unwrap()
+        }
+
+        /// Closes the queue and joins the thread (after the jobs it still
+        /// takes); returns the store and the answers not yet read.
+        fn join(
+            self,
+        ) -> (
+            Arc<Gated>,
+            tokio::sync::mpsc::UnboundedReceiver<super::Flushed>,
+        ) {
+            drop(self.jobs);
+            drop(self.thread);
+            (self.store, self.flushed_rx)
+        }
+    }
+
     fn hard_state_job(term: u64, expected_last: u64) -> FlushJob {
         let mut batch = WriteBatch::new();
         batch.set_hard_state(
@@ -1209,41 +1242,24 @@ mod tests {
             snapshot_bytes_max: 16,
             ..Limits::default()
         };
-        let Stalled {
-            store,
-            thread,
-            jobs,
-            mut flushed_rx,
-            release,
-        } = stalled(limits);
+        let mut stalled = stalled(limits);
         // Queued behind the first: entries, a snapshot too large for the
         // store, a later hard state.
         let mut entries = WriteBatch::new();
         entries.append(0, vec![entry(1, 1), entry(2, 1)]);
-        jobs.send(FlushJob {
-            batch: entries,
-            expected_last: 2,
-        })
-        .unwrap();
+        stalled.queue(entries, 2);
         let mut snapshot = WriteBatch::new();
         let meta = SnapshotMeta {
             last_included_index: 2,
             last_included_term: 1,
         };
         snapshot.install_snapshot(0, meta, Bytes::from(vec![0u8; 64]));
-        jobs.send(FlushJob {
-            batch: snapshot,
-            expected_last: 2,
-        })
-        .unwrap();
-        release.send(()).unwrap();
-        assert!(flushed_rx.blocking_recv().unwrap().result.is_ok());
-        let failed = flushed_rx.blocking_recv().unwrap();
+        stalled.queue(snapshot, 2);
+        let failed = stalled.release_and_next();
         assert!(failed.result.is_err(), "the snapshot is refused");
         // Sent before the driver saw the failure.
-        let _ = jobs.send(hard_state_job(9, 0));
-        drop(jobs);
-        drop(thread);
+        let _ = stalled.jobs.send(hard_state_job(9, 0));
+        let (store, mut flushed_rx) = stalled.join();
         assert_eq!(store.hard_state(0).unwrap().term, 1);
         assert!(
             flushed_rx.blocking_recv().is_none(),
@@ -1259,13 +1275,7 @@ mod tests {
             batch_bytes_max: 1 << 20,
             ..Limits::default()
         };
-        let Stalled {
-            store,
-            thread,
-            jobs,
-            mut flushed_rx,
-            release,
-        } = stalled(limits);
+        let mut stalled = stalled(limits);
         let big = |index| Entry {
             index,
             term: 1,
@@ -1275,17 +1285,10 @@ mod tests {
         for index in 1..=2 {
             let mut batch = WriteBatch::new();
             batch.append(0, vec![big(index)]);
-            jobs.send(FlushJob {
-                batch,
-                expected_last: index,
-            })
-            .unwrap();
+            stalled.queue(batch, index);
         }
-        release.send(()).unwrap();
-        assert!(flushed_rx.blocking_recv().unwrap().result.is_ok());
-        let merged = flushed_rx.blocking_recv().unwrap();
-        drop(jobs);
-        drop(thread);
+        let merged = stalled.release_and_next();
+        let (store, _) = stalled.join();
         assert_eq!(merged.jobs, 2, "both were taken together");
         assert!(merged.result.is_ok(), "{:?}", merged.result);
         assert_eq!(store.last_index(0).unwrap(), 2);
