@@ -586,3 +586,130 @@ async fn invalid_configuration_is_rejected() {
         Err(NetError::Io { .. })
     ));
 }
+
+/// A call whose handler waits for the test to release it.
+#[derive(Serialize, Deserialize)]
+struct Held(u32);
+
+impl Rpc for Held {
+    const KIND: Kind = Kind::new(0xf012, 1);
+    type Reply = u32;
+}
+
+/// What the `Held` handlers have done so far.
+#[derive(Clone, Copy, Debug, Default)]
+struct HeldCounts {
+    running: usize,
+    most_running: usize,
+    finished: usize,
+    dropped_unfinished: usize,
+}
+
+/// Counts a handler out when it ends, finished or dropped.
+struct Running {
+    counts: tokio::sync::watch::Sender<HeldCounts>,
+    finished: bool,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let finished = self.finished;
+        self.counts.send_modify(|counts| {
+            counts.running -= 1;
+            if finished {
+                counts.finished += 1;
+            } else {
+                counts.dropped_unfinished += 1;
+            }
+        });
+    }
+}
+
+/// Waits (at most [`PATIENCE`]) until the `Held` counts meet `condition`.
+async fn wait_for(
+    seen: &tokio::sync::watch::Receiver<HeldCounts>,
+    what: &str,
+    condition: impl Fn(&HeldCounts) -> bool,
+) -> HeldCounts {
+    let mut seen = seen.clone();
+    let counts = tokio::time::timeout(PATIENCE, seen.wait_for(condition))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .expect("counts kept");
+    *counts
+}
+
+// Proves an inbound connection runs at most `inbound_calls_per_connection_max` calls at once (it
+// stops reading until one finishes, and then serves the rest), and that the calls still running
+// when the connection closes are stopped with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_calls_are_bounded_per_connection_and_stopped_with_it() {
+    let (counts, seen) = tokio::sync::watch::channel(HeldCounts::default());
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let (server, endpoint, address) = server_with(|mut config| {
+        config.inbound_calls_per_connection_max = 2;
+        config
+    })
+    .await;
+    let handler_gate = gate.clone();
+    endpoint
+        .register(move |_, Held(n): Held| {
+            let (counts, gate) = (counts.clone(), handler_gate.clone());
+            async move {
+                counts.send_modify(|c| {
+                    c.running += 1;
+                    c.most_running = c.most_running.max(c.running);
+                });
+                let mut running = Running {
+                    counts,
+                    finished: false,
+                };
+                gate.acquire().await.expect("gate open").forget();
+                running.finished = true;
+                n
+            }
+        })
+        .expect("register");
+    // Five calls on one connection: two run, the others wait unread.
+    let client = good_client(address).await;
+    let calls: Vec<_> = (0..5)
+        .map(|n| {
+            let client = client.clone();
+            tokio::spawn(async move { client.call(1, &Held(n)).await })
+        })
+        .collect();
+    wait_for(&seen, "two calls running", |c| c.running == 2).await;
+    // Released one at a time, each lets exactly one more in.
+    for finished in 1..=3 {
+        gate.add_permits(1);
+        let counts = match finished {
+            1 => wait_for(&seen, "1 finished", |c| c.finished == 1 && c.running == 2).await,
+            2 => wait_for(&seen, "2 finished", |c| c.finished == 2 && c.running == 2).await,
+            _ => wait_for(&seen, "3 finished", |c| c.finished == 3 && c.running == 2).await,
+        };
+        assert_eq!(counts.most_running, 2, "{counts:?}");
+    }
+    gate.add_permits(2);
+    let mut replies = Vec::new();
+    for call in calls {
+        replies.push(call.await.expect("caller task").expect("answered"));
+    }
+    replies.sort_unstable();
+    assert_eq!(replies, vec![0, 1, 2, 3, 4]);
+    let counts = wait_for(&seen, "all finished", |c| c.finished == 5).await;
+    assert_eq!((counts.most_running, counts.dropped_unfinished), (2, 0));
+
+    // A call still running when its connection closes is stopped.
+    let closing = good_client(address).await;
+    let call = {
+        let closing = closing.clone();
+        tokio::spawn(async move { closing.call(1, &Held(9)).await })
+    };
+    wait_for(&seen, "the held call running", |c| c.running == 1).await;
+    closing.shutdown().await;
+    let counts = wait_for(&seen, "the held call stopped", |c| c.running == 0).await;
+    assert_eq!((counts.finished, counts.dropped_unfinished), (5, 1));
+    assert!(call.await.expect("caller task").is_err());
+    assert_still_serves(address).await;
+    drop(server);
+}

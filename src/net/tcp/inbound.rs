@@ -5,10 +5,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::NodeId;
@@ -167,82 +168,94 @@ async fn serve_inbound(
         .set_max_frame_length(config.frame_bytes_max);
     tracing::debug!(node, peer, ?role, %address, "accepted a connection");
 
-    // Cancelling it stops this connection's handlers when it ends.
-    let connection = inner.shutdown.child_token();
-    let (replies, mut reply_queue) = mpsc::channel::<Bytes>(config.outbound_queue_frames_max);
-    let calls = Arc::new(Semaphore::new(config.inbound_calls_per_connection_max));
-    let read = async {
-        loop {
-            let bytes = match reader.next().await {
-                None => return Ok(()),
-                Some(Err(error)) => return Err(format!("read: {error}")),
-                Some(Ok(bytes)) => bytes,
-            };
-            let frame =
-                Frame::decode(bytes.freeze()).map_err(|error| format!("bad frame: {error}"))?;
-            let header = frame.header;
-            match header.frame_type {
-                FrameType::Request => {
-                    // Back-pressure: stop reading while too many calls run.
-                    let Ok(permit) = calls.clone().acquire_owned().await else {
-                        return Ok(());
-                    };
-                    let handled = inner.dispatch.handle(peer, header.kind, frame.payload);
-                    let (inner, replies, connection) =
-                        (inner.clone(), replies.clone(), connection.clone());
-                    inner.clone().spawn(async move {
-                        let result = match handled {
-                            Err(fault) => Err(fault),
-                            Ok(handler) => tokio::select! {
-                                biased;
-                                () = connection.cancelled() => return,
-                                result = handler => result,
-                            },
-                        };
-                        let frame = reply_frame(&inner, header.kind, header.call_id, result);
-                        let _ = replies.send(frame).await;
-                        drop(permit);
-                    });
-                }
-                FrameType::OneWay => {
-                    let _ = inner.dispatch.deliver(peer, header.kind, frame.payload);
-                }
-                FrameType::Reply | FrameType::Refused(_) => {
-                    return Err("protocol violation: reply on an inbound connection".into());
-                }
-            }
-        }
-    };
-    let write = async {
-        while let Some(first) = reply_queue.recv().await {
-            if let Err(error) = writer.feed(first).await {
-                return format!("write: {error}");
-            }
-            for _ in 1..config.outbound_queue_frames_max {
-                let Ok(next) = reply_queue.try_recv() else {
-                    break;
+    // The calls being served, polled by this task: a call costs no task of
+    // its own, its reply is written here, and dropping the set when the
+    // connection ends stops the handlers still running.
+    let mut running = FuturesUnordered::new();
+    let calls_max = config.inbound_calls_per_connection_max;
+    let ended = loop {
+        tokio::select! {
+            biased;
+            () = inner.shutdown.cancelled() => return,
+            Some((kind, call_id, result)) = running.next(), if !running.is_empty() => {
+                let mut frame = reply_frame(&inner, kind, call_id, result);
+                // Every reply ready now goes out in the same write. (Polling
+                // the set without this task's waker is safe: the next turn
+                // of the loop polls it again with the waker.)
+                let mut ready = 1;
+                let written = loop {
+                    if let Err(error) = writer.feed(frame).await {
+                        break Err(format!("write: {error}"));
+                    }
+                    if ready == config.outbound_queue_frames_max {
+                        break Ok(());
+                    }
+                    match running.next().now_or_never() {
+                        Some(Some((kind, call_id, result))) => {
+                            frame = reply_frame(&inner, kind, call_id, result);
+                            ready += 1;
+                        }
+                        _ => break Ok(()),
+                    }
                 };
-                if let Err(error) = writer.feed(next).await {
-                    return format!("write: {error}");
+                if let Err(error) = written {
+                    break Ended::Write(error);
+                }
+                if let Err(error) = SinkExt::<Bytes>::flush(&mut writer).await {
+                    break Ended::Write(format!("write: {error}"));
                 }
             }
-            if let Err(error) = SinkExt::<Bytes>::flush(&mut writer).await {
-                return format!("write: {error}");
+            // Back-pressure: stop reading while too many calls run.
+            next = reader.next(), if running.len() < calls_max => {
+                let bytes = match next {
+                    None => break Ended::Closed,
+                    Some(Err(error)) => break Ended::BadInput(format!("read: {error}")),
+                    Some(Ok(bytes)) => bytes,
+                };
+                let frame = match Frame::decode(bytes.freeze()) {
+                    Ok(frame) => frame,
+                    Err(error) => break Ended::BadInput(format!("bad frame: {error}")),
+                };
+                let header = frame.header;
+                match header.frame_type {
+                    FrameType::Request => {
+                        let handled = inner.dispatch.handle(peer, header.kind, frame.payload);
+                        running.push(async move {
+                            let result = match handled {
+                                Err(fault) => Err(fault),
+                                Ok(handler) => handler.await,
+                            };
+                            (header.kind, header.call_id, result)
+                        });
+                    }
+                    FrameType::OneWay => {
+                        let _ = inner.dispatch.deliver(peer, header.kind, frame.payload);
+                    }
+                    FrameType::Reply | FrameType::Refused(_) => {
+                        break Ended::BadInput(
+                            "protocol violation: reply on an inbound connection".into(),
+                        );
+                    }
+                }
             }
         }
-        "reply queue closed".to_string()
     };
-    tokio::select! {
-        biased;
-        () = inner.shutdown.cancelled() => {}
-        result = read => match result {
-            Ok(()) => tracing::debug!(node, peer, %address, "peer closed the connection"),
-            Err(error) => {
-                tracing::warn!(node, peer, %address, %error, "closing the connection");
-                Counters::bump(&inner.counters.connections_closed_bad_input);
-            }
-        },
-        error = write => tracing::debug!(node, peer, %address, %error, "connection ended"),
+    match ended {
+        Ended::Closed => tracing::debug!(node, peer, %address, "peer closed the connection"),
+        Ended::BadInput(error) => {
+            tracing::warn!(node, peer, %address, %error, "closing the connection");
+            Counters::bump(&inner.counters.connections_closed_bad_input);
+        }
+        Ended::Write(error) => tracing::debug!(node, peer, %address, %error, "connection ended"),
     }
-    connection.cancel();
+}
+
+/// Why an inbound connection stopped being served.
+enum Ended {
+    /// The peer closed it.
+    Closed,
+    /// The peer sent something unreadable or out of protocol.
+    BadInput(String),
+    /// Writing a reply failed.
+    Write(String),
 }
