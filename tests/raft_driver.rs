@@ -2,8 +2,9 @@
 //! (no further writes, storage released, channel closed), bad network input,
 //! backpressure from a slow service, group commit, read index, leadership
 //! transfer, restart from a snapshot, fail-stop on storage errors, a
-//! multi-thread runtime with sled, and acknowledgements held until the
-//! storage thread's flush finishes. In-memory stores and the simulated
+//! multi-thread runtime with sled, acknowledgements held until the
+//! storage thread's flush finishes, and a deposed leader's flushes kept in
+//! order when it starts flushing inline as a follower. In-memory stores and the simulated
 //! network on tokio's paused clock unless said otherwise.
 
 use std::time::Duration;
@@ -847,8 +848,13 @@ async fn acknowledgements_wait_for_the_storage_thread_flush() {
         })
     };
     let net = SimNetwork::new(SimConfig::new(21));
+    // Every flush on the thread, none inline: this follower stands for a
+    // node whose Readies queue there (a leader, or one that just stopped
+    // leading); `a_deposed_leader_flushes_behind_its_readies_in_flight`
+    // covers the switch between the two.
     let mut config = NodeConfig {
         storage_thread: true,
+        followers_flush_inline: false,
         ..config(2)
     };
     // Node 2 must not campaign while the test plays node 1, its leader.
@@ -959,5 +965,181 @@ async fn acknowledgements_wait_for_the_storage_thread_flush() {
     armed.store(false, std::sync::atomic::Ordering::SeqCst);
     release.send(()).unwrap();
     assert_eq!(next_ack(&mut leader_inbox, &store).await, 2);
+    node.shutdown().await;
+}
+
+/// The next message `inbox` receives that `wanted` picks, skipping others.
+async fn next_message<T>(
+    inbox: &mut raftkv::net::Inbox<RaftEnvelope>,
+    what: &str,
+    wanted: impl Fn(&Message) -> Option<T>,
+) -> T {
+    timeout(Duration::from_secs(10), async {
+        loop {
+            let (_, envelope) = inbox.recv().await.expect("inbox open");
+            if let Some(found) = wanted(&envelope.message) {
+                return found;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {what} within 10 s"))
+}
+
+// A follower flushes inline only with nothing in flight on its storage thread
+// (`NodeConfig::followers_flush_inline`). Here node 2 leads, its first entry's
+// flush is held on the thread, and a newer leader's append deposes it and
+// overwrites that entry: the overwrite must queue behind the held flush, not
+// reach the store inline past it (two commits at once, and the stale entry
+// landing last), and its acknowledgement must wait for both. Real time: the
+// storage thread is an OS thread, and the inline commit would block a worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_flushes_behind_its_readies_in_flight() {
+    let (entered_tx, mut entered) = mpsc::unbounded_channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = {
+        let armed = armed.clone();
+        let release = std::sync::Mutex::new(release_rx);
+        HookedStore::new(move || {
+            if armed.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = entered_tx.send(());
+                release
+                    .lock()
+                    .unwrap()
+                    .recv()
+                    .expect("the test releases every held commit");
+            }
+        })
+    };
+    let net = SimNetwork::new(SimConfig::new(22));
+    let mut config = NodeConfig {
+        storage_thread: true,
+        ..config(2)
+    };
+    // Node 2 campaigns only when told to (TimeoutNow).
+    config.raft.election_timeout_ticks_min = 100_000;
+    config.raft.election_timeout_ticks_max = 200_000;
+    assert!(config.followers_flush_inline, "the default under test");
+    let (node, _applied) = RaftNode::start(
+        2,
+        &[1, 2, 3],
+        config,
+        store.clone(),
+        net.add_node(2).unwrap(),
+    )
+    .unwrap();
+    let one = net.add_node(1).unwrap();
+    let mut one_inbox = one.inbox::<RaftEnvelope>(64).unwrap();
+    let three = net.add_node(3).unwrap();
+    let mut three_inbox = three.inbox::<RaftEnvelope>(64).unwrap();
+    let envelope = |from: NodeId, term: u64, body: MessageBody| RaftEnvelope {
+        group: 0,
+        message: Message {
+            from,
+            to: 2,
+            term,
+            body,
+        },
+    };
+    let entry = |index: u64, term: u64| Entry {
+        index,
+        term,
+        kind: EntryKind::Normal,
+        data: command(index * 10 + term),
+    };
+    let success = |message: &Message| match message.body {
+        MessageBody::AppendResponse {
+            outcome: raftkv::raft::AppendOutcome::Success { match_index },
+        } => Some((message.term, match_index)),
+        _ => None,
+    };
+
+    // Term 1: node 1 leads and node 2 follows (flushing inline).
+    let append = MessageBody::Append {
+        prev_log_index: 0,
+        prev_log_term: 0,
+        entries: vec![entry(1, 1)],
+        leader_commit: 0,
+    };
+    one.send(2, &envelope(1, 1, append)).unwrap();
+    assert_eq!(
+        next_message(&mut one_inbox, "ack of entry 1", success).await,
+        (1, 1)
+    );
+    // Term 2: node 1 hands over, node 2 asks for votes and gets node 1's.
+    one.send(2, &envelope(1, 1, MessageBody::TimeoutNow))
+        .unwrap();
+    let vote_term = next_message(&mut one_inbox, "vote request", |m| {
+        matches!(m.body, MessageBody::Vote { .. }).then_some(m.term)
+    })
+    .await;
+    assert_eq!(vote_term, 2);
+    // From now on every flush is held until released.
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    one.send(
+        2,
+        &envelope(1, 2, MessageBody::VoteResponse { granted: true }),
+    )
+    .unwrap();
+    // Leading, node 2 appends a proposal at index 2 and hands its flush to
+    // the thread, where it is held.
+    let mut status = node.subscribe();
+    timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| s.role == Role::Leader),
+    )
+    .await
+    .expect("node 2 leads within 10 s")
+    .unwrap();
+    let proposed = {
+        let node = node.clone();
+        tokio::spawn(async move { node.propose(command(22)).await })
+    };
+    timeout(Duration::from_secs(10), entered.recv())
+        .await
+        .expect("the new leader's flush starts within 10 s")
+        .unwrap();
+    assert_eq!(
+        proposed
+            .await
+            .unwrap()
+            .expect("the leader takes the proposal"),
+        (2, 2)
+    );
+    // Term 3: node 3 leads and overwrites index 2.
+    let overwrite = MessageBody::Append {
+        prev_log_index: 1,
+        prev_log_term: 1,
+        entries: vec![entry(2, 3)],
+        leader_commit: 1,
+    };
+    three.send(2, &envelope(3, 3, overwrite)).unwrap();
+    // The driver handles it (and publishes term 3) without a second commit
+    // entering the store while the first is held.
+    tokio::select! {
+        seen = timeout(Duration::from_secs(10), status.wait_for(|s| s.term == 3)) => {
+            seen.expect("node 2 sees term 3 within 10 s").unwrap();
+        }
+        _ = entered.recv() => panic!("a second commit reached the store while the first was held"),
+    }
+    assert_eq!(node.status().role, Role::Follower);
+    // The held flush finishes, then the overwrite's, then the acknowledgement.
+    release.send(()).unwrap();
+    timeout(Duration::from_secs(10), entered.recv())
+        .await
+        .expect("the overwrite's flush follows within 10 s")
+        .unwrap();
+    assert_eq!(store.term(0, 2).unwrap(), 2, "the held entry landed first");
+    armed.store(false, std::sync::atomic::Ordering::SeqCst);
+    release.send(()).unwrap();
+    let (term, match_index) = next_message(&mut three_inbox, "ack of the overwrite", success).await;
+    assert_eq!((term, match_index), (3, 2));
+    assert_eq!(store.hard_state(0).unwrap().term, 3);
+    assert_eq!(
+        store.term(0, 2).unwrap(),
+        3,
+        "acknowledged before the overwrite was stored"
+    );
     node.shutdown().await;
 }

@@ -69,6 +69,19 @@ pub struct NodeConfig {
     ///
     /// [`RaftCore::advance_unpersisted`]: crate::raft::RaftCore::advance_unpersisted
     pub storage_thread: bool,
+    /// With `storage_thread` (or `async_persistence`), a node that is not
+    /// leading and has no `Ready` in flight commits its `Ready` inline on the
+    /// driver task
+    /// (under `block_in_place` when that applies), then sends its messages.
+    /// A follower has nothing to overlap with its flush (its acknowledgements
+    /// wait for it, and it serves no clients), while the hand-over costs two
+    /// thread wake-ups on the path of every commit: on a 2-vCPU VM with three
+    /// nodes this gave +13 % puts/s at 64 clients and +15 % at 1. A leader
+    /// always hands over, so it keeps taking proposals during its flush; a
+    /// node that stops leading with Readies in flight goes on queueing behind
+    /// them until they are durable, so batches reach the store in order.
+    /// Default true.
+    pub followers_flush_inline: bool,
     /// Persist asynchronously ([`RaftCore::advance_unpersisted`]) also
     /// without a storage thread: each Ready's batch waits for a later turn
     /// of the driver's loop (and is lost if the node stops first, like the
@@ -97,6 +110,7 @@ impl Default for NodeConfig {
             block_in_place_for_storage: true,
             send_appends_before_persist: true,
             storage_thread: false,
+            followers_flush_inline: true,
             async_persistence: false,
         }
     }
