@@ -420,10 +420,20 @@ async fn serve(
     if let Err(error) = command.check_size() {
         return Ok(reply_error(&command, error));
     }
+    // An error reply needs only the command's kind (the command itself goes
+    // to the batcher).
+    let is_put = matches!(command, KvCommand::Put { .. });
+    let reply_error = |error| {
+        if is_put {
+            KvReply::Put(Err(error))
+        } else {
+            KvReply::Get(Err(error))
+        }
+    };
     let outcome = match &command {
         KvCommand::Put { .. } => {
             let (reply, outcome) = oneshot::channel();
-            match puts.send((command.clone(), reply)).await {
+            match puts.send((command, reply)).await {
                 Ok(()) => outcome.await.unwrap_or(Err(SubmitError::Stopped)),
                 Err(_) => Err(SubmitError::Stopped),
             }
@@ -440,18 +450,14 @@ async fn serve(
         Ok(reply) => Ok(reply),
         // Nothing was appended: the clerk may resend without doubt.
         Err(SubmitError::NotLeader { leader_hint }) => {
-            Ok(reply_error(&command, KvError::WrongLeader { leader_hint }))
+            Ok(reply_error(KvError::WrongLeader { leader_hint }))
         }
         // Appended, outcome unknown (a resend that meets ErrVersion is ErrMaybe).
-        Err(SubmitError::LeadershipLost { leader_hint }) => Ok(reply_error(
-            &command,
-            KvError::LeadershipLost { leader_hint },
-        )),
+        Err(SubmitError::LeadershipLost { leader_hint }) => {
+            Ok(reply_error(KvError::LeadershipLost { leader_hint }))
+        }
         // A leader cut off from its quorum times out: send the client on.
-        Err(SubmitError::Timeout) => Ok(reply_error(
-            &command,
-            KvError::LeadershipLost { leader_hint: None },
-        )),
+        Err(SubmitError::Timeout) => Ok(reply_error(KvError::LeadershipLost { leader_hint: None })),
         Err(SubmitError::TooLarge { bytes, max }) => {
             tracing::warn!(bytes, max, "kv: command too large for the raft log");
             Err(ServerUnavailable::Busy)
