@@ -83,8 +83,9 @@ pub struct ServerArgs {
     maxraftstate: u64,
     /// Runtime threads: 1 runs the node on one thread (a current-thread
     /// runtime: the fastest on small machines); N > 1 a work-stealing runtime
-    /// with N workers. Storage flushes run on the node's own storage thread
-    /// either way (see `--inline-storage`).
+    /// with N workers. A leader's storage flushes run on the node's own
+    /// storage thread either way; a follower flushes on the runtime while
+    /// nothing is queued on that thread (see `--inline-storage`).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
     /// Commit storage on the runtime's own thread(s) instead of the node's
@@ -280,8 +281,10 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let mut config = RaftKvConfig::default();
     // Distinct election timeouts on every node and every run.
     config.rsm.node.rng_seed = rand::random();
-    // Flushes on the node's storage thread: the runtime keeps reading the
-    // network and answering clients meanwhile.
+    // A leader flushes on the node's storage thread: the runtime keeps
+    // reading the network and answering clients meanwhile. A follower with
+    // nothing queued there flushes on the runtime (`followers_flush_inline`):
+    // it only waits for the flush, and the thread hand-over costs more.
     config.rsm.node.storage_thread = !args.inline_storage;
     config.rsm.maxraftstate_bytes = (args.maxraftstate > 0).then_some(args.maxraftstate);
     let server = RaftKvServer::start(id, &voters, config, store, endpoint.clone())

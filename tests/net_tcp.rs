@@ -713,3 +713,30 @@ async fn inbound_calls_are_bounded_per_connection_and_stopped_with_it() {
     assert_still_serves(address).await;
     drop(server);
 }
+
+// Proves a peer that asks for more than the socket buffers hold and never reads the replies
+// cannot hold up shutdown: the connection's blocked write ends with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_a_connection_whose_peer_does_not_read() {
+    let (server, endpoint, address) = server_with(|config| config).await;
+    endpoint
+        .register(|_, Grow(len): Grow| async move { vec![0u8; len as usize] })
+        .expect("register");
+    let mut stream = handshaken(address, 600).await;
+    // 64 replies of 1 MiB: far more than loopback socket buffers take.
+    let mut requests = Vec::new();
+    for call_id in 0..64u64 {
+        let payload = postcard::to_allocvec(&Grow(1 << 20)).expect("encode");
+        let frame = Frame::new(Grow::KIND, FrameType::Request, call_id, payload.into()).encode();
+        requests.extend_from_slice(&length_prefixed(&frame));
+    }
+    stream.write_all(&requests).await.expect("requests");
+    // The server is writing replies once the first bytes arrive; from now on
+    // nothing more is read, so its write blocks on a full socket.
+    let mut first = [0u8; 4];
+    stream.read_exact(&mut first).await.expect("a reply starts");
+    tokio::time::timeout(PATIENCE, server.endpoint().shutdown())
+        .await
+        .expect("shutdown finishes with a peer that does not read");
+    drop(stream);
+}

@@ -608,8 +608,9 @@ async fn multi_thread_runtime_with_sled_stores() {
     sled_cluster_commits_50_and_releases_storage(false).await;
 }
 
-// The same on a current-thread runtime with every commit on the node's
-// storage thread (`NodeConfig::storage_thread`, what `raftkv server` runs).
+// The same on a current-thread runtime with storage threads
+// (`NodeConfig::storage_thread`, what `raftkv server` runs: a leader's
+// commits on the thread, a follower's inline while none is in flight).
 #[tokio::test]
 async fn storage_threads_with_sled_stores() {
     sled_cluster_commits_50_and_releases_storage(true).await;
@@ -1100,11 +1101,11 @@ async fn a_deposed_leader_flushes_behind_its_readies_in_flight() {
         .await
         .expect("the new leader's flush starts within 10 s")
         .unwrap();
+    let proposed = timeout(Duration::from_secs(10), proposed)
+        .await
+        .expect("the proposal answered within 10 s");
     assert_eq!(
-        proposed
-            .await
-            .unwrap()
-            .expect("the leader takes the proposal"),
+        proposed.unwrap().expect("the leader takes the proposal"),
         (2, 2)
     );
     // Term 3: node 3 leads and overwrites index 2.
@@ -1124,13 +1125,28 @@ async fn a_deposed_leader_flushes_behind_its_readies_in_flight() {
         _ = entered.recv() => panic!("a second commit reached the store while the first was held"),
     }
     assert_eq!(node.status().role, Role::Follower);
-    // The held flush finishes, then the overwrite's, then the acknowledgement.
+    let before = node.status().metrics;
+    // The held flush finishes, then the overwrite's is held in turn.
     release.send(()).unwrap();
     timeout(Duration::from_secs(10), entered.recv())
         .await
         .expect("the overwrite's flush follows within 10 s")
         .unwrap();
     assert_eq!(store.term(0, 2).unwrap(), 2, "the held entry landed first");
+    // Once the driver has taken the first flush's answer, nothing has left:
+    // the acknowledgement waits for the overwrite's flush.
+    timeout(Duration::from_secs(10), async {
+        while node.status().metrics.flushes == before.flushes {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the first flush's answer handled within 10 s");
+    assert_eq!(
+        node.status().metrics.messages_sent,
+        before.messages_sent,
+        "an acknowledgement left before the overwrite was stored"
+    );
     armed.store(false, std::sync::atomic::Ordering::SeqCst);
     release.send(()).unwrap();
     let (term, match_index) = next_message(&mut three_inbox, "ack of the overwrite", success).await;

@@ -423,7 +423,7 @@ async fn serve(
     // An error reply needs only the command's kind (the command itself goes
     // to the batcher).
     let is_put = matches!(command, KvCommand::Put { .. });
-    let reply_error = |error| {
+    let error_reply = |error| {
         if is_put {
             KvReply::Put(Err(error))
         } else {
@@ -450,14 +450,14 @@ async fn serve(
         Ok(reply) => Ok(reply),
         // Nothing was appended: the clerk may resend without doubt.
         Err(SubmitError::NotLeader { leader_hint }) => {
-            Ok(reply_error(KvError::WrongLeader { leader_hint }))
+            Ok(error_reply(KvError::WrongLeader { leader_hint }))
         }
         // Appended, outcome unknown (a resend that meets ErrVersion is ErrMaybe).
         Err(SubmitError::LeadershipLost { leader_hint }) => {
-            Ok(reply_error(KvError::LeadershipLost { leader_hint }))
+            Ok(error_reply(KvError::LeadershipLost { leader_hint }))
         }
         // A leader cut off from its quorum times out: send the client on.
-        Err(SubmitError::Timeout) => Ok(reply_error(KvError::LeadershipLost { leader_hint: None })),
+        Err(SubmitError::Timeout) => Ok(error_reply(KvError::LeadershipLost { leader_hint: None })),
         Err(SubmitError::TooLarge { bytes, max }) => {
             tracing::warn!(bytes, max, "kv: command too large for the raft log");
             Err(ServerUnavailable::Busy)

@@ -189,6 +189,7 @@ impl<M: StateMachine + Default> Replica for Rsm<M> {
         let mut config = config.clone();
         config.node.rng_seed = rng_seed;
         config.node.async_persistence = async_persistence(rng_seed);
+        config.node.followers_flush_inline = followers_flush_inline(rng_seed);
         Rsm::start(id, voters, config, store, endpoint, M::default()).expect("starting an rsm")
     }
 
@@ -209,6 +210,12 @@ fn async_persistence(rng_seed: u64) -> bool {
     (rng_seed >> 1) & 1 == 1
 }
 
+/// Whether such a replica flushes inline while it follows (the server's
+/// default) or queues every flush: about half of them, from another bit.
+fn followers_flush_inline(rng_seed: u64) -> bool {
+    (rng_seed >> 2) & 1 == 1
+}
+
 impl Replica for RaftKvServer {
     type Config = RaftKvConfig;
 
@@ -223,6 +230,7 @@ impl Replica for RaftKvServer {
         let mut config = config.clone();
         config.rsm.node.rng_seed = rng_seed;
         config.rsm.node.async_persistence = async_persistence(rng_seed);
+        config.rsm.node.followers_flush_inline = followers_flush_inline(rng_seed);
         RaftKvServer::start(id, voters, config, store, endpoint).expect("starting a kv server")
     }
 

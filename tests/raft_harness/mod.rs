@@ -615,8 +615,10 @@ impl Lab {
             rng_seed,
             // About half the incarnations persist asynchronously, as `raftkv
             // server` does with its storage thread (deterministically here):
-            // clusters mix both ways.
+            // clusters mix both ways. Of those, about half flush inline while
+            // following (the server's default), the others queue every flush.
             async_persistence: (rng_seed >> 1) & 1 == 1,
+            followers_flush_inline: (rng_seed >> 2) & 1 == 1,
             ..NodeConfig::default()
         };
         let voters: Vec<NodeId> = (0..self.n()).map(id).collect();

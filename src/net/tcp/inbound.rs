@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, Stream, StreamExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -170,42 +170,16 @@ async fn serve_inbound(
 
     // The calls being served, polled by this task: a call costs no task of
     // its own, its reply is written here, and dropping the set when the
-    // connection ends stops the handlers still running.
+    // connection ends stops the handlers still running. (So a handler that
+    // panics, which only a broken invariant does, ends its connection.)
     let mut running = FuturesUnordered::new();
     let calls_max = config.inbound_calls_per_connection_max;
     let ended = loop {
         tokio::select! {
             biased;
             () = inner.shutdown.cancelled() => return,
-            Some((kind, call_id, result)) = running.next(), if !running.is_empty() => {
-                let mut frame = reply_frame(&inner, kind, call_id, result);
-                // Every reply ready now goes out in the same write. (Polling
-                // the set without this task's waker is safe: the next turn
-                // of the loop polls it again with the waker.)
-                let mut ready = 1;
-                let written = loop {
-                    if let Err(error) = writer.feed(frame).await {
-                        break Err(format!("write: {error}"));
-                    }
-                    if ready == config.outbound_queue_frames_max {
-                        break Ok(());
-                    }
-                    match running.next().now_or_never() {
-                        Some(Some((kind, call_id, result))) => {
-                            frame = reply_frame(&inner, kind, call_id, result);
-                            ready += 1;
-                        }
-                        _ => break Ok(()),
-                    }
-                };
-                if let Err(error) = written {
-                    break Ended::Write(error);
-                }
-                if let Err(error) = SinkExt::<Bytes>::flush(&mut writer).await {
-                    break Ended::Write(format!("write: {error}"));
-                }
-            }
-            // Back-pressure: stop reading while too many calls run.
+            // Read every request buffered first (their handlers then start
+            // together); back-pressure: stop reading while too many calls run.
             next = reader.next(), if running.len() < calls_max => {
                 let bytes = match next {
                     None => break Ended::Closed,
@@ -238,6 +212,19 @@ async fn serve_inbound(
                     }
                 }
             }
+            // Then write every reply ready by now, in one flush. A peer that
+            // does not read can hold this up: shutdown still ends it.
+            Some((kind, call_id, result)) = running.next(), if !running.is_empty() => {
+                let first = reply_frame(&inner, kind, call_id, result);
+                let written = tokio::select! {
+                    biased;
+                    () = inner.shutdown.cancelled() => return,
+                    written = write_replies(&inner, &mut writer, &mut running, first) => written,
+                };
+                if let Err(error) = written {
+                    break Ended::Write(error);
+                }
+            }
         }
     };
     match ended {
@@ -248,6 +235,37 @@ async fn serve_inbound(
         }
         Ended::Write(error) => tracing::debug!(node, peer, %address, %error, "connection ended"),
     }
+}
+
+/// Writes `first` and every other reply ready now (at most a queue's
+/// worth), then flushes them in one write. Polling `running` here without
+/// the connection task's waker is safe: the task's next turn polls it again
+/// with the waker.
+async fn write_replies<S>(
+    inner: &Inner,
+    writer: &mut FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
+    running: &mut S,
+    first: Bytes,
+) -> Result<(), String>
+where
+    S: Stream<Item = (Kind, u64, Result<Bytes, RemoteFault>)> + Unpin,
+{
+    let mut frame = first;
+    for _ in 0..inner.config.outbound_queue_frames_max {
+        writer
+            .feed(frame)
+            .await
+            .map_err(|error| format!("write: {error}"))?;
+        match running.next().now_or_never() {
+            Some(Some((kind, call_id, result))) => {
+                frame = reply_frame(inner, kind, call_id, result);
+            }
+            _ => break,
+        }
+    }
+    SinkExt::<Bytes>::flush(writer)
+        .await
+        .map_err(|error| format!("write: {error}"))
 }
 
 /// Why an inbound connection stopped being served.

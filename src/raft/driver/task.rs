@@ -715,13 +715,15 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
             }
         }
         // A node not leading, with nothing on the storage thread, flushes
-        // inline: it has no clients to serve meanwhile, and the hand-over to
-        // the thread and back costs two thread wake-ups on the path of every
-        // commit (see `NodeConfig::followers_flush_inline`). With Readies in
+        // inline (a snapshot, a large write, excepted): it only waits for
+        // the flush, and the hand-over to the thread and back costs two
+        // thread wake-ups on the path of every commit (see
+        // `NodeConfig::followers_flush_inline`). With Readies in
         // flight it queues behind them, so batches reach the store in order.
         let inline = self.config.followers_flush_inline
             && !self.core.is_leader()
-            && self.in_flight.is_empty();
+            && self.in_flight.is_empty()
+            && ready.snapshot.is_none();
         let jobs = self
             .storage_thread
             .as_ref()
