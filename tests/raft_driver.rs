@@ -712,6 +712,40 @@ impl HookedStore {
     }
 }
 
+/// A [`HookedStore`] whose commits, while `armed`, wait inside the store
+/// (each announced on `entered`) until the test sends on `release`: a flush
+/// that has not finished yet.
+struct HeldFlushes {
+    store: HookedStore,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    entered: mpsc::UnboundedReceiver<()>,
+    release: std::sync::mpsc::Sender<()>,
+}
+
+fn held_flushes(armed: bool) -> HeldFlushes {
+    let (entered_tx, entered) = mpsc::unbounded_channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(armed));
+    let hook_armed = armed.clone();
+    let release_rx = std::sync::Mutex::new(release_rx);
+    let store = HookedStore::new(move || {
+        if hook_armed.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = entered_tx.send(());
+            release_rx
+                .lock()
+                .unwrap()
+                .recv()
+                .expect("the test releases every held commit");
+        }
+    });
+    HeldFlushes {
+        store,
+        armed,
+        entered,
+        release,
+    }
+}
+
 const STORAGE_PANIC: &str = "storage invariant broken (test)";
 
 impl raftkv::storage::Storage for HookedStore {
@@ -829,25 +863,12 @@ async fn a_storage_thread_panic_reaches_shutdown() {
 // storage thread is an OS thread.)
 #[tokio::test]
 async fn acknowledgements_wait_for_the_storage_thread_flush() {
-    let (entered_tx, mut entered) = mpsc::unbounded_channel();
-    let (release, release_rx) = std::sync::mpsc::channel();
-    // Once armed, a commit waits inside the store until the test releases
-    // it: a flush that has not finished yet.
-    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let store = {
-        let armed = armed.clone();
-        let release = std::sync::Mutex::new(release_rx);
-        HookedStore::new(move || {
-            if armed.load(std::sync::atomic::Ordering::SeqCst) {
-                let _ = entered_tx.send(());
-                release
-                    .lock()
-                    .unwrap()
-                    .recv()
-                    .expect("the test releases every held commit");
-            }
-        })
-    };
+    let HeldFlushes {
+        store,
+        armed,
+        mut entered,
+        release,
+    } = held_flushes(true);
     let net = SimNetwork::new(SimConfig::new(21));
     // Every flush on the thread, none inline: this follower stands for a
     // node whose Readies queue there (a leader, or one that just stopped
@@ -996,23 +1017,12 @@ async fn next_message<T>(
 // storage thread is an OS thread, and the inline commit would block a worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deposed_leader_flushes_behind_its_readies_in_flight() {
-    let (entered_tx, mut entered) = mpsc::unbounded_channel();
-    let (release, release_rx) = std::sync::mpsc::channel::<()>();
-    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let store = {
-        let armed = armed.clone();
-        let release = std::sync::Mutex::new(release_rx);
-        HookedStore::new(move || {
-            if armed.load(std::sync::atomic::Ordering::SeqCst) {
-                let _ = entered_tx.send(());
-                release
-                    .lock()
-                    .unwrap()
-                    .recv()
-                    .expect("the test releases every held commit");
-            }
-        })
-    };
+    let HeldFlushes {
+        store,
+        armed,
+        mut entered,
+        release,
+    } = held_flushes(false);
     let net = SimNetwork::new(SimConfig::new(22));
     let mut config = NodeConfig {
         storage_thread: true,
