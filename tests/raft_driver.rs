@@ -746,6 +746,26 @@ fn held_flushes(armed: bool) -> HeldFlushes {
     }
 }
 
+/// Starts node 2 of voters 1–3 on `store`, with election timeouts too long
+/// to fire (the test plays the other nodes and decides when it campaigns);
+/// keep the apply receiver for as long as the node runs.
+fn start_node_2_without_timeouts(
+    net: &SimNetwork,
+    mut config: NodeConfig,
+    store: &HookedStore,
+) -> (RaftNode, mpsc::Receiver<Apply>) {
+    config.raft.election_timeout_ticks_min = 100_000;
+    config.raft.election_timeout_ticks_max = 200_000;
+    RaftNode::start(
+        2,
+        &[1, 2, 3],
+        config,
+        store.clone(),
+        net.add_node(2).unwrap(),
+    )
+    .unwrap()
+}
+
 const STORAGE_PANIC: &str = "storage invariant broken (test)";
 
 impl raftkv::storage::Storage for HookedStore {
@@ -874,22 +894,13 @@ async fn acknowledgements_wait_for_the_storage_thread_flush() {
     // node whose Readies queue there (a leader, or one that just stopped
     // leading); `a_deposed_leader_flushes_behind_its_readies_in_flight`
     // covers the switch between the two.
-    let mut config = NodeConfig {
+    let config = NodeConfig {
         storage_thread: true,
         followers_flush_inline: false,
         ..config(2)
     };
     // Node 2 must not campaign while the test plays node 1, its leader.
-    config.raft.election_timeout_ticks_min = 100_000;
-    config.raft.election_timeout_ticks_max = 200_000;
-    let (node, _applied) = RaftNode::start(
-        2,
-        &[1, 2, 3],
-        config,
-        store.clone(),
-        net.add_node(2).unwrap(),
-    )
-    .unwrap();
+    let (node, _applied) = start_node_2_without_timeouts(&net, config, &store);
     let leader = net.add_node(1).unwrap();
     let mut leader_inbox = leader.inbox::<RaftEnvelope>(64).unwrap();
     let append = |prev: u64, index: u64| RaftEnvelope {
@@ -1024,22 +1035,13 @@ async fn a_deposed_leader_flushes_behind_its_readies_in_flight() {
         release,
     } = held_flushes(false);
     let net = SimNetwork::new(SimConfig::new(22));
-    let mut config = NodeConfig {
+    let config = NodeConfig {
         storage_thread: true,
         ..config(2)
     };
     // Node 2 campaigns only when told to (TimeoutNow).
-    config.raft.election_timeout_ticks_min = 100_000;
-    config.raft.election_timeout_ticks_max = 200_000;
     assert!(config.followers_flush_inline, "the default under test");
-    let (node, _applied) = RaftNode::start(
-        2,
-        &[1, 2, 3],
-        config,
-        store.clone(),
-        net.add_node(2).unwrap(),
-    )
-    .unwrap();
+    let (node, _applied) = start_node_2_without_timeouts(&net, config, &store);
     let one = net.add_node(1).unwrap();
     let mut one_inbox = one.inbox::<RaftEnvelope>(64).unwrap();
     let three = net.add_node(3).unwrap();
