@@ -65,22 +65,23 @@ pub struct NodeConfig {
     /// durable, so the persist-before-send contract holds. For real servers
     /// on a current-thread runtime, where a flush would otherwise stall every
     /// task. (A follower still flushes inline while nothing is in flight:
-    /// `followers_flush_inline`.) Off by default: simulations need commits inline to stay
-    /// deterministic. Takes precedence over `block_in_place_for_storage`.
+    /// `followers_flush_inline`.) Off by default: simulations need commits
+    /// inline to stay deterministic. Takes precedence over
+    /// `block_in_place_for_storage`.
     ///
     /// [`RaftCore::advance_unpersisted`]: crate::raft::RaftCore::advance_unpersisted
     pub storage_thread: bool,
     /// With `storage_thread` (or `async_persistence`), a node that is not
     /// leading and has no `Ready` in flight commits its `Ready` inline on the
-    /// driver task
-    /// (under `block_in_place` when that applies), then sends its messages.
+    /// driver task (under `block_in_place` when that applies), then sends its
+    /// messages.
     /// A follower has little to overlap with its flush (its acknowledgements
     /// wait for it; clients it only redirects), while the hand-over costs two
     /// thread wake-ups on the path of every commit: on a 2-vCPU VM with three
     /// nodes this gave +13 % puts/s at 64 clients and +15 % at 1. On a
     /// current-thread runtime the flush stalls the node's other tasks
     /// (its transport, status requests) for its duration. A Ready that
-    /// installs a snapshot (a large write) still goes to the thread. A leader
+    /// persists a snapshot (a large write) still goes to the thread. A leader
     /// always hands over, so it keeps taking proposals during its flush; a
     /// node that stops leading with Readies in flight goes on queueing behind
     /// them until they are durable, so batches reach the store in order.

@@ -715,11 +715,11 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
             }
         }
         // A node not leading, with nothing on the storage thread, flushes
-        // inline (a snapshot, a large write, excepted): it only waits for
-        // the flush, and the hand-over to the thread and back costs two
-        // thread wake-ups on the path of every commit (see
-        // `NodeConfig::followers_flush_inline`). With Readies in
-        // flight it queues behind them, so batches reach the store in order.
+        // inline (a snapshot to persist, a large write, excepted): it only
+        // waits for the flush, and the hand-over to the thread and back
+        // costs two thread wake-ups on the path of every commit (see
+        // `NodeConfig::followers_flush_inline`). With Readies in flight it
+        // queues behind them, so batches reach the store in order.
         let inline = self.config.followers_flush_inline
             && !self.core.is_leader()
             && self.in_flight.is_empty()
@@ -727,8 +727,7 @@ impl<S: RaftLogStorage + 'static> Driver<S> {
         let jobs = self
             .storage_thread
             .as_ref()
-            .and_then(|thread| thread.jobs.clone())
-            .filter(|_| !inline);
+            .and_then(|thread| thread.jobs.clone());
         let asynchronous = if !inline && (jobs.is_some() || self.answers_to_self.is_some()) {
             // 1+2 on the storage thread: the batch goes there and this Ready's
             // other messages wait for it (or, with nothing to write, for the
