@@ -6,13 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-
-// The binary (servers, workers, load generator) allocates through mimalloc:
-// side by side at 64 clients, 65,500 puts/s against 60,600 with glibc's
-// malloc, whose consolidation and free lists were ~6 % of the leader's CPU.
-// The library leaves the choice of allocator to the application.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Args, Parser, Subcommand};
 use raftkv::kv::{KvCommand, KvLogCommand};
 use raftkv::mr::test_apps::{TEST_APP_NAMES, TestAppEnv, test_app_by_name};
@@ -24,6 +17,13 @@ use raftkv::net::tcp::{TcpConfig, TcpTransport};
 use raftkv::raft::{Entry, EntryKind};
 use raftkv::storage::{KvStorage, MrStorage, RaftLogStorage, Store, StoreConfig, StoreEngine};
 use serde::Serialize;
+
+// The binary (servers, workers, load generator) allocates through mimalloc:
+// side by side at 64 clients, 65,500 puts/s against 60,600 with glibc's
+// malloc, whose consolidation and free lists were ~6 % of the leader's CPU.
+// The library leaves the choice of allocator to the application.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench_cli;
 mod cluster_cli;

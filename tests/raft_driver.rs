@@ -746,6 +746,20 @@ fn held_flushes(armed: bool) -> HeldFlushes {
     }
 }
 
+/// A message of group 0 from `from` to node 2 (the tests that play node 2's
+/// peers).
+fn to_node_2(from: NodeId, term: u64, body: MessageBody) -> RaftEnvelope {
+    RaftEnvelope {
+        group: 0,
+        message: Message {
+            from,
+            to: 2,
+            term,
+            body,
+        },
+    }
+}
+
 /// Starts node 2 of voters 1–3 on `store`, with election timeouts too long
 /// to fire (the test plays the other nodes and decides when it campaigns);
 /// keep the apply receiver for as long as the node runs.
@@ -903,13 +917,11 @@ async fn acknowledgements_wait_for_the_storage_thread_flush() {
     let (node, _applied) = start_node_2_without_timeouts(&net, config, &store);
     let leader = net.add_node(1).unwrap();
     let mut leader_inbox = leader.inbox::<RaftEnvelope>(64).unwrap();
-    let append = |prev: u64, index: u64| RaftEnvelope {
-        group: 0,
-        message: Message {
-            from: 1,
-            to: 2,
-            term: 1,
-            body: MessageBody::Append {
+    let append = |prev: u64, index: u64| {
+        to_node_2(
+            1,
+            1,
+            MessageBody::Append {
                 prev_log_index: prev,
                 prev_log_term: if prev == 0 { 0 } else { 1 },
                 entries: vec![Entry {
@@ -920,7 +932,7 @@ async fn acknowledgements_wait_for_the_storage_thread_flush() {
                 }],
                 leader_commit: 0,
             },
-        },
+        )
     };
     let mut status = node.subscribe();
     // A new term and entry 1: the flush is held. Behind it, a duplicate of
@@ -1046,15 +1058,6 @@ async fn a_deposed_leader_flushes_behind_its_readies_in_flight() {
     let mut one_inbox = one.inbox::<RaftEnvelope>(64).unwrap();
     let three = net.add_node(3).unwrap();
     let mut three_inbox = three.inbox::<RaftEnvelope>(64).unwrap();
-    let envelope = |from: NodeId, term: u64, body: MessageBody| RaftEnvelope {
-        group: 0,
-        message: Message {
-            from,
-            to: 2,
-            term,
-            body,
-        },
-    };
     let entry = |index: u64, term: u64| Entry {
         index,
         term,
@@ -1075,13 +1078,13 @@ async fn a_deposed_leader_flushes_behind_its_readies_in_flight() {
         entries: vec![entry(1, 1)],
         leader_commit: 0,
     };
-    one.send(2, &envelope(1, 1, append)).unwrap();
+    one.send(2, &to_node_2(1, 1, append)).unwrap();
     assert_eq!(
         next_message(&mut one_inbox, "ack of entry 1", success).await,
         (1, 1)
     );
     // Term 2: node 1 hands over, node 2 asks for votes and gets node 1's.
-    one.send(2, &envelope(1, 1, MessageBody::TimeoutNow))
+    one.send(2, &to_node_2(1, 1, MessageBody::TimeoutNow))
         .unwrap();
     let vote_term = next_message(&mut one_inbox, "vote request", |m| {
         matches!(m.body, MessageBody::Vote { .. }).then_some(m.term)
@@ -1092,7 +1095,7 @@ async fn a_deposed_leader_flushes_behind_its_readies_in_flight() {
     armed.store(true, std::sync::atomic::Ordering::SeqCst);
     one.send(
         2,
-        &envelope(1, 2, MessageBody::VoteResponse { granted: true }),
+        &to_node_2(1, 2, MessageBody::VoteResponse { granted: true }),
     )
     .unwrap();
     // Leading, node 2 appends a proposal at index 2 and hands its flush to
@@ -1127,7 +1130,7 @@ async fn a_deposed_leader_flushes_behind_its_readies_in_flight() {
         entries: vec![entry(2, 3)],
         leader_commit: 1,
     };
-    three.send(2, &envelope(3, 3, overwrite)).unwrap();
+    three.send(2, &to_node_2(3, 3, overwrite)).unwrap();
     // The driver handles it (and publishes term 3) without a second commit
     // entering the store while the first is held.
     tokio::select! {

@@ -417,9 +417,6 @@ async fn serve(
     puts: &mpsc::Sender<PendingPut>,
     command: KvCommand,
 ) -> KvResponse {
-    if let Err(error) = command.check_size() {
-        return Ok(reply_error(&command, error));
-    }
     // An error reply needs only the command's kind (the command itself goes
     // to the batcher).
     let is_put = matches!(command, KvCommand::Put { .. });
@@ -430,6 +427,9 @@ async fn serve(
             KvReply::Get(Err(error))
         }
     };
+    if let Err(error) = command.check_size() {
+        return Ok(error_reply(error));
+    }
     let outcome = match &command {
         KvCommand::Put { .. } => {
             let (reply, outcome) = oneshot::channel();
@@ -464,13 +464,6 @@ async fn serve(
         }
         Err(SubmitError::Busy | SubmitError::Undecodable) => Err(ServerUnavailable::Busy),
         Err(SubmitError::Stopped) => Err(ServerUnavailable::ShuttingDown),
-    }
-}
-
-fn reply_error(command: &KvCommand, error: KvError) -> KvReply {
-    match command {
-        KvCommand::Put { .. } => KvReply::Put(Err(error)),
-        KvCommand::Get { .. } => KvReply::Get(Err(error)),
     }
 }
 
