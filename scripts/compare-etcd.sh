@@ -6,6 +6,11 @@
 # p99 ≤ 1/5).
 #
 #   scripts/compare-etcd.sh [--rounds 2] [--duration 10s] [--clients "1 16 64"]
+#                           [--raftkv-flags "FLAGS"]...
+#
+# Each --raftkv-flags adds a raftkv variant whose servers get FLAGS (for example
+# --raftkv-flags "" --raftkv-flags "--busy-poll 1ms" runs the default and busy polling, each
+# round: etcd, then every variant); the table has a row per client count and variant.
 #
 # Needs what both scripts need: target/release/raftkv (cargo build --release), etcd and etcdctl
 # (apt-get install etcd-server etcd-client), protoc for the first build of tools/etcd-bench
@@ -15,16 +20,19 @@ cd "$(dirname "$0")/.."
 ROUNDS=2
 DURATION=10s
 CLIENTS="1 16 64"
+VARIANTS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS=$2; shift 2 ;;
     --duration) DURATION=$2; shift 2 ;;
     --clients) CLIENTS=$2; shift 2 ;;
+    --raftkv-flags) VARIANTS+=("$2"); shift 2 ;;
     *) echo "unknown flag $1" >&2; exit 2 ;;
   esac
 done
+[ ${#VARIANTS[@]} -gt 0 ] || VARIANTS=("")
 OUT=$(mktemp -t compare-etcd.XXXXXX)
-trap 'rm -f "$OUT"' EXIT
+trap 'rm -f "$OUT" "$OUT.variants"' EXIT
 # The disk's speed right now (both systems' figures move with it): p50 of 300 rounds of a
 # 200-byte pwrite + fdatasync in a zero-filled file where the benchmarks keep their data.
 disk() {
@@ -48,10 +56,14 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "round $round/$ROUNDS: etcd (load $(cut -d' ' -f1 /proc/loadavg), $(disk))" >&2
   scripts/etcd-bench.sh --duration "$DURATION" --clients "$CLIENTS" -- --json 2>/dev/null \
     | grep '^{' | sed 's/^/etcd /' >>"$OUT"
-  echo "round $round/$ROUNDS: raftkv (load $(cut -d' ' -f1 /proc/loadavg), $(disk))" >&2
-  scripts/cluster-bench.sh --duration "$DURATION" --clients "$CLIENTS" -- --keys 1000 --json \
-    2>/dev/null | grep '^{' | sed 's/^/raftkv /' >>"$OUT"
+  for variant in "${!VARIANTS[@]}"; do
+    flags=${VARIANTS[$variant]}
+    echo "round $round/$ROUNDS: raftkv ${flags:-(default flags)} (load $(cut -d' ' -f1 /proc/loadavg), $(disk))" >&2
+    scripts/cluster-bench.sh --duration "$DURATION" --clients "$CLIENTS" --server-flags "$flags" \
+      -- --keys 1000 --json 2>/dev/null | grep '^{' | sed "s/^/raftkv$variant /" >>"$OUT"
+  done
 done
+printf '%s\n' "${VARIANTS[@]}" >"$OUT.variants"
 python3 - "$OUT" <<'EOF'
 import json, statistics, sys
 runs = {}
@@ -59,10 +71,11 @@ for line in open(sys.argv[1]):
     system, text = line.split(" ", 1)
     run = json.loads(text)
     runs.setdefault((system, run["clients"]), []).append(run)
-print("| clients | raftkv puts/s | etcd puts/s | ratio | raftkv p99 ms | etcd p99 ms | p99 ratio | errors |")
-print("|---|---|---|---|---|---|---|---|")
-for clients in sorted({c for _, c in runs}):
-    r, e = runs.get(("raftkv", clients), []), runs.get(("etcd", clients), [])
+variants = open(sys.argv[1] + ".variants").read().split("\n")[:-1]
+print("| clients | raftkv flags | raftkv puts/s | etcd puts/s | ratio | raftkv p99 ms | etcd p99 ms | p99 ratio | errors |")
+print("|---|---|---|---|---|---|---|---|---|")
+for clients, variant in sorted({(c, v) for c in {c for _, c in runs} for v in range(len(variants))}):
+    r, e = runs.get((f"raftkv{variant}", clients), []), runs.get(("etcd", clients), [])
     if not r or not e:
         continue
     ops = lambda rs: [x["ops_per_sec"] for x in rs]
@@ -71,6 +84,7 @@ for clients in sorted({c for _, c in runs}):
     ratio = statistics.median(ops(r)) / statistics.median(ops(e))
     p99_ratio = statistics.median(p99(r)) / statistics.median(p99(e))
     errors = sum(x["errors"] for x in r + e)
-    print(f"| {clients} | {fmt(ops(r), '{:,.0f}')} | {fmt(ops(e), '{:,.0f}')} | {ratio:.1f}× "
+    flags = f"`{variants[variant]}`" if variants[variant] else "(default)"
+    print(f"| {clients} | {flags} | {fmt(ops(r), '{:,.0f}')} | {fmt(ops(e), '{:,.0f}')} | {ratio:.1f}× "
           f"| {fmt(p99(r), '{:.1f}')} | {fmt(p99(e), '{:.1f}')} | {p99_ratio:.2f} | {errors} |")
 EOF

@@ -96,8 +96,8 @@ pub struct BenchArgs {
     threads: u16,
 }
 
-/// Parses `10s`, `500ms`, `2m`, `1h` or a bare number of seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+/// Parses `10s`, `500ms`, `250us`, `2m`, `1h` or a bare number of seconds.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -109,9 +109,10 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     let seconds = match unit {
         "" | "s" => number,
         "ms" => number / 1e3,
+        "us" | "µs" => number / 1e6,
         "m" => number * 60.0,
         "h" => number * 3600.0,
-        other => return Err(format!("unknown unit {other:?} (use ms, s, m or h)")),
+        other => return Err(format!("unknown unit {other:?} (use us, ms, s, m or h)")),
     };
     if !(seconds > 0.0 && seconds <= 86_400.0) {
         return Err(format!("{text:?} must be more than 0 and at most 24h"));
@@ -579,6 +580,7 @@ mod tests {
         assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("ten").is_err());

@@ -81,6 +81,8 @@ struct Cluster {
     name: String,
     addresses: Vec<SocketAddr>,
     maxraftstate: Option<u64>,
+    /// Node started with `--busy-poll` (it polls while it leads).
+    busy_poll_node: Option<NodeId>,
     nodes: Vec<Option<Child>>,
     runtime: tokio::runtime::Runtime,
     endpoint: Endpoint,
@@ -101,6 +103,7 @@ impl Cluster {
             name: name.to_owned(),
             addresses,
             maxraftstate,
+            busy_poll_node: None,
             nodes: (0..size).map(|_| None).collect(),
             runtime,
             endpoint,
@@ -150,6 +153,9 @@ impl Cluster {
         // the others on one thread (the default).
         if id == 2 {
             command.args(["--threads", "2"]);
+        }
+        if self.busy_poll_node == Some(id) {
+            command.args(["--busy-poll", "1ms"]);
         }
         command
     }
@@ -467,6 +473,8 @@ fn crashes_and_restarts_keep_acknowledged_writes_and_linearizability() {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     // A small snapshot threshold, so restarted nodes also catch up by snapshot.
     let mut cluster = Cluster::new("crashes", 3, Some(16 * 1024));
+    // Node 3 busy-polls while it leads: leadership moves under the crashes.
+    cluster.busy_poll_node = Some(3);
     cluster.start_all();
     cluster.wait_for_leader();
 
@@ -798,7 +806,7 @@ fn server_and_status_reject_bad_flags() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let data = data.to_str().unwrap();
-    let cases: [(&[&str], i32, &str); 10] = [
+    let cases: [(&[&str], i32, &str); 12] = [
         (
             &[
                 "--id",
@@ -871,6 +879,30 @@ fn server_and_status_reject_bad_flags() {
             ],
             2,
             "--threads",
+        ),
+        (
+            &[
+                "--id",
+                "1",
+                "--cluster",
+                "1=127.0.0.1:7001",
+                "--busy-poll",
+                "2s",
+            ],
+            2,
+            "at most 1s",
+        ),
+        (
+            &[
+                "--id",
+                "1",
+                "--cluster",
+                "1=127.0.0.1:7001",
+                "--busy-poll",
+                "0",
+            ],
+            2,
+            "must be more than 0",
         ),
     ];
     for (args, code, message) in cases {
@@ -1047,6 +1079,7 @@ fn restart_of_every_node_resumes_values_and_versions() {
 #[test]
 fn bench_loads_a_cluster_and_checks_linearizability() {
     let mut cluster = Cluster::new("bench", 3, None);
+    cluster.busy_poll_node = Some(1);
     cluster.start_all();
     // Load an elected cluster: puts that meet the first election can see it
     // move on (their outcome unknown, ErrMaybe), which is right but not what

@@ -740,3 +740,98 @@ async fn shutdown_ends_a_connection_whose_peer_does_not_read() {
         .expect("shutdown finishes with a peer that does not read");
     drop(stream);
 }
+
+// Proves busy polling ([`TcpConfig::busy_poll`]) on both sides changes nothing a caller sees,
+// polls while frames come in (inbound requests on the server, replies on the client), goes to
+// sleep once they stop, and ends with the transport; bad windows are configuration errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_polling_serves_calls_and_sleeps_when_idle() {
+    let window = Duration::from_millis(20);
+    for bad in [Duration::ZERO, Duration::from_secs(2)] {
+        let mut config = TcpConfig::client(CLUSTER_ID, 1);
+        config.busy_poll = Some(bad);
+        assert!(
+            matches!(TcpTransport::start(config).await, Err(NetError::Config(_))),
+            "window {bad:?} must be refused"
+        );
+    }
+    let (server, _endpoint, address) = server_with(|mut config| {
+        config.busy_poll = Some(window);
+        config
+    })
+    .await;
+    let mut config = TcpConfig::client(CLUSTER_ID, 500);
+    config.peers.insert(1, address);
+    config.busy_poll = Some(window);
+    let client = TcpTransport::start(config).await.expect("client starts");
+    let (server_poll, client_poll) = (
+        server.busy_poll().expect("configured").clone(),
+        client.busy_poll().expect("configured").clone(),
+    );
+    assert_eq!(server_poll.window(), window);
+    assert!(
+        server_poll.is_enabled(),
+        "a configured poller starts enabled"
+    );
+
+    // Both pollers sleep once the start-up window has passed without frames.
+    let parked = |poll: &raftkv::net::tcp::BusyPoll, at_least: u64| {
+        let poll = poll.clone();
+        async move {
+            tokio::time::timeout(PATIENCE, async {
+                while poll.stats().parks < at_least {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await
+            .expect("the poller sleeps when no frame comes");
+        }
+    };
+    parked(&server_poll, 1).await;
+    parked(&client_poll, 1).await;
+    let (server_before, client_before) = (server_poll.stats(), client_poll.stats());
+
+    let endpoint = client.endpoint();
+    for seq in 0..50 {
+        let reply = endpoint
+            .call(
+                1,
+                &Echo {
+                    seq,
+                    body: vec![7; 64],
+                },
+            )
+            .await
+            .expect("echo");
+        assert_eq!(reply.seq, seq);
+    }
+    let (server_after, client_after) = (server_poll.stats(), client_poll.stats());
+    assert!(
+        server_after.spins > server_before.spins,
+        "requests woke the server's poller: {server_before:?} → {server_after:?}"
+    );
+    assert!(
+        client_after.spins > client_before.spins,
+        "replies woke the client's poller: {client_before:?} → {client_after:?}"
+    );
+    // Idle again: both go back to sleep.
+    parked(&server_poll, server_after.parks + 1).await;
+    parked(&client_poll, client_after.parks + 1).await;
+
+    // Switched off, frames no longer wake it.
+    server_poll.set_enabled(false);
+    let off = server_poll.stats();
+    assert_still_serves(address).await;
+    assert_eq!(
+        server_poll.stats().spins,
+        off.spins,
+        "disabled, it does not poll"
+    );
+
+    tokio::time::timeout(PATIENCE, async {
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await
+    .expect("the pollers end with their transports");
+}

@@ -43,7 +43,15 @@ pub struct TcpConfig {
     pub reconnect_backoff_min: Duration,
     /// Longest wait between reconnect attempts (the backoff doubles up to it).
     pub reconnect_backoff_max: Duration,
+    /// Busy polling: after every frame received, keep the runtime thread
+    /// polling its sockets for this long instead of sleeping (see
+    /// [`BusyPoll`](super::BusyPoll)); `None` (the default) never polls.
+    /// At most [`BUSY_POLL_WINDOW_MAX`].
+    pub busy_poll: Option<Duration>,
 }
+
+/// Longest busy-polling window [`TcpConfig::busy_poll`] accepts.
+pub const BUSY_POLL_WINDOW_MAX: Duration = Duration::from_secs(1);
 
 impl TcpConfig {
     /// A cluster member listening on `listen_address`, with default bounds.
@@ -70,6 +78,7 @@ impl TcpConfig {
             call_timeout: Duration::from_secs(5),
             reconnect_backoff_min: Duration::from_millis(50),
             reconnect_backoff_max: Duration::from_secs(2),
+            busy_poll: None,
         }
     }
 
@@ -95,6 +104,12 @@ impl TcpConfig {
             || self.reconnect_backoff_min > self.reconnect_backoff_max
         {
             return fail("need 0 < reconnect_backoff_min <= reconnect_backoff_max");
+        }
+        if self
+            .busy_poll
+            .is_some_and(|window| window.is_zero() || window > BUSY_POLL_WINDOW_MAX)
+        {
+            return fail("busy_poll must be a window between 0 and 1 s (exclusive of 0)");
         }
         Ok(())
     }

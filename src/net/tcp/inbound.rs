@@ -186,6 +186,7 @@ async fn serve_inbound(
                     Some(Err(error)) => break Ended::BadInput(format!("read: {error}")),
                     Some(Ok(bytes)) => bytes,
                 };
+                inner.frame_received();
                 let frame = match Frame::decode(bytes.freeze()) {
                     Ok(frame) => frame,
                     Err(error) => break Ended::BadInput(format!("bad frame: {error}")),

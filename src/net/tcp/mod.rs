@@ -30,14 +30,20 @@
 //!   (`inbound_calls_per_connection_max`): beyond it the connection is not
 //!   read until one finishes; inbound connections (`inbound_connections_max`).
 //!
+//! Optional busy polling ([`TcpConfig::busy_poll`], [`BusyPoll`]) keeps the
+//! runtime thread polling its sockets for a window after every frame instead
+//! of sleeping, trading a busy CPU for the wake-up of each hop.
+//!
 //! [`NetError`]: crate::net::NetError
 //! [`NetError::QueueFull`]: crate::net::NetError::QueueFull
 //! [`NetError::Unreachable`]: crate::net::NetError::Unreachable
 
+mod busy_poll;
 mod config;
 mod inbound;
 mod outbound;
 mod transport;
 
-pub use config::TcpConfig;
+pub use busy_poll::{BusyPoll, BusyPollStats};
+pub use config::{BUSY_POLL_WINDOW_MAX, TcpConfig};
 pub use transport::{TcpStats, TcpTransport};

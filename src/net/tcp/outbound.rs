@@ -294,6 +294,7 @@ async fn serve(
                 Some(Err(error)) => return End::Lost(format!("read: {error}")),
                 Some(Ok(bytes)) => bytes,
             };
+            inner.frame_received();
             let frame = match Frame::decode(bytes.freeze()) {
                 Ok(frame) => frame,
                 Err(error) => {

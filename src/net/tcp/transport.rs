@@ -18,6 +18,7 @@ use crate::NodeId;
 use crate::net::dispatch::Dispatch;
 use crate::net::endpoint::Endpoint;
 use crate::net::tcp::TcpConfig;
+use crate::net::tcp::busy_poll::BusyPoll;
 use crate::net::tcp::inbound::accept_loop;
 use crate::net::tcp::outbound::{LinkState, PeerLink, ReplyReceiver};
 use crate::net::transport::{CallFuture, MessageRole, RawHandler, RawInbox, Transport};
@@ -62,6 +63,8 @@ pub(super) struct Inner {
     pub(super) tasks: TaskTracker,
     pub(super) runtime: Handle,
     pub(super) counters: Counters,
+    /// The busy poller, when configured: told of every frame received.
+    pub(super) busy_poll: Option<BusyPoll>,
     addresses: Mutex<HashMap<NodeId, SocketAddr>>,
     links: Mutex<HashMap<NodeId, Arc<PeerLink>>>,
     next_call_id: AtomicU64,
@@ -74,6 +77,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Inner {
+    /// A frame arrived: tell the busy poller, if any.
+    pub(super) fn frame_received(&self) {
+        if let Some(poll) = &self.busy_poll {
+            poll.touch();
+        }
+    }
+
     pub(super) fn spawn<F>(&self, task: F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
@@ -217,6 +227,7 @@ impl TcpTransport {
             None => None,
         };
         let shutdown = CancellationToken::new();
+        let config_busy_poll = config.busy_poll;
         let inner = Arc::new(Inner {
             addresses: Mutex::new(
                 config
@@ -231,10 +242,14 @@ impl TcpTransport {
             tasks: TaskTracker::new(),
             runtime: Handle::current(),
             counters: Counters::default(),
+            busy_poll: config_busy_poll.map(BusyPoll::new),
             links: Mutex::new(HashMap::new()),
             next_call_id: AtomicU64::new(1),
             local_address,
         });
+        if let Some(poll) = &inner.busy_poll {
+            inner.spawn(poll.clone().run(shutdown.clone()));
+        }
         if let Some(listener) = listener {
             tracing::info!(node = inner.config.node_id, address = ?local_address, "listening");
             inner.spawn(accept_loop(inner.clone(), listener));
@@ -243,6 +258,11 @@ impl TcpTransport {
             inner,
             _drop_guard: Arc::new(shutdown.drop_guard()),
         })
+    }
+
+    /// The busy poller ([`TcpConfig::busy_poll`]), to switch it off and on.
+    pub fn busy_poll(&self) -> Option<&BusyPoll> {
+        self.inner.busy_poll.as_ref()
     }
 
     /// The address actually bound (with the real port when configured with
