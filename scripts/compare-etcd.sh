@@ -54,13 +54,17 @@ EOF
 }
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round/$ROUNDS: etcd (load $(cut -d' ' -f1 /proc/loadavg), $(disk))" >&2
-  scripts/etcd-bench.sh --duration "$DURATION" --clients "$CLIENTS" -- --json 2>/dev/null \
-    | grep '^{' | sed 's/^/etcd /' >>"$OUT"
+  results=$(scripts/etcd-bench.sh --duration "$DURATION" --clients "$CLIENTS" -- --json \
+    2>/dev/null | grep '^{' || true)
+  [ -n "$results" ] || echo "  etcd gave no result this round (run scripts/etcd-bench.sh to see why)" >&2
+  [ -z "$results" ] || sed 's/^/etcd /' <<<"$results" >>"$OUT"
   for variant in "${!VARIANTS[@]}"; do
     flags=${VARIANTS[$variant]}
     echo "round $round/$ROUNDS: raftkv ${flags:-(default flags)} (load $(cut -d' ' -f1 /proc/loadavg), $(disk))" >&2
-    scripts/cluster-bench.sh --duration "$DURATION" --clients "$CLIENTS" --server-flags "$flags" \
-      -- --keys 1000 --json 2>/dev/null | grep '^{' | sed "s/^/raftkv$variant /" >>"$OUT"
+    results=$(scripts/cluster-bench.sh --duration "$DURATION" --clients "$CLIENTS" \
+      --server-flags "$flags" -- --keys 1000 --json 2>/dev/null | grep '^{' || true)
+    [ -n "$results" ] || echo "  raftkv ${flags:-(default flags)} gave no result this round (run scripts/cluster-bench.sh --server-flags \"$flags\" to see why)" >&2
+    [ -z "$results" ] || sed "s/^/raftkv$variant /" <<<"$results" >>"$OUT"
   done
 done
 printf '%s\n' "${VARIANTS[@]}" >"$OUT.variants"

@@ -473,8 +473,6 @@ fn crashes_and_restarts_keep_acknowledged_writes_and_linearizability() {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     // A small snapshot threshold, so restarted nodes also catch up by snapshot.
     let mut cluster = Cluster::new("crashes", 3, Some(16 * 1024));
-    // Node 3 busy-polls while it leads: leadership moves under the crashes.
-    cluster.busy_poll_node = Some(3);
     cluster.start_all();
     cluster.wait_for_leader();
 
@@ -725,11 +723,70 @@ fn status_shows_every_node_and_a_stopped_one() {
         assert_eq!(node["snapshot_index"], 0, "{node}");
         assert!(node["raft_state_bytes"].as_u64().unwrap() > 0, "{node}");
         assert_eq!(node["stopped"], serde_json::Value::Null, "{node}");
+        // Each wrote the put's entry (at least one flush) and exchanged messages.
+        let counters = &node["counters"];
+        assert!(counters["flushes"].as_u64().unwrap() >= 1, "{node}");
+        assert!(
+            counters["entries_persisted"].as_u64().unwrap() >= 1,
+            "{node}"
+        );
+        assert!(
+            counters["messages_received"].as_u64().unwrap() >= 1,
+            "{node}"
+        );
+        assert!(counters["entries_applied"].as_u64().unwrap() >= 1, "{node}");
     }
     assert_eq!(nodes[2]["id"], 3);
     assert_eq!(nodes[2]["reachable"], false);
     let error = nodes[2]["error"].as_str().unwrap();
     assert!(error.starts_with("Connection refused"), "{error}");
+
+    // --counters: a second table, one row per node that answered.
+    let output = raftkv(&[
+        "status",
+        "--servers",
+        &servers,
+        "--cluster-id",
+        "status",
+        "--counters",
+    ]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}{}", stderr(&output));
+    let tables: Vec<&str> = text.split("\n\n").collect();
+    assert_eq!(tables.len(), 2, "status table, then counters: {text}");
+    let lines: Vec<&str> = tables[1].lines().collect();
+    assert_eq!(lines.len(), 3, "header and the 2 live nodes: {text}");
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        [
+            "ID",
+            "FLUSHES",
+            "ENTRIES/FLUSH",
+            "APPENDS",
+            "SENT",
+            "ENTRIES/APPEND",
+            "MSGS",
+            "SENT",
+            "MSGS",
+            "RECEIVED",
+            "APPLIED",
+            "SLOW",
+            "COMMITS"
+        ]
+    );
+    for (index, line) in lines[1..].iter().enumerate() {
+        let row: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(row[0], (index + 1).to_string(), "{text}");
+        assert!(row[1].parse::<u64>().unwrap() >= 1, "flushes: {text}");
+        assert!(
+            row[2].parse::<f64>().unwrap() > 0.0,
+            "entries per flush: {text}"
+        );
+        assert!(row[6].parse::<u64>().unwrap() >= 1, "received: {text}");
+        assert!(row[7].parse::<u64>().unwrap() >= 1, "applied: {text}");
+        // (A slow device may have made a commit slow: any count.)
+        assert!(row[8].parse::<u64>().is_ok(), "slow commits: {text}");
+    }
 
     // Another cluster id: the handshake refuses every node.
     let output = raftkv(&["status", "--servers", &servers, "--cluster-id", "other"]);
@@ -806,7 +863,7 @@ fn server_and_status_reject_bad_flags() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let data = data.to_str().unwrap();
-    let cases: [(&[&str], i32, &str); 12] = [
+    let cases: [(&[&str], i32, &str); 13] = [
         (
             &[
                 "--id",
@@ -887,10 +944,10 @@ fn server_and_status_reject_bad_flags() {
                 "--cluster",
                 "1=127.0.0.1:7001",
                 "--busy-poll",
-                "2s",
+                "20ms",
             ],
             2,
-            "at most 1s",
+            "at most 10ms",
         ),
         (
             &[
@@ -903,6 +960,20 @@ fn server_and_status_reject_bad_flags() {
             ],
             2,
             "must be more than 0",
+        ),
+        (
+            &[
+                "--id",
+                "1",
+                "--cluster",
+                "1=127.0.0.1:7001",
+                "--busy-poll",
+                "1ms",
+                "--threads",
+                "2",
+            ],
+            1,
+            "--busy-poll needs --threads 1",
         ),
     ];
     for (args, code, message) in cases {
@@ -1079,6 +1150,7 @@ fn restart_of_every_node_resumes_values_and_versions() {
 #[test]
 fn bench_loads_a_cluster_and_checks_linearizability() {
     let mut cluster = Cluster::new("bench", 3, None);
+    // Node 1 runs with --busy-poll (it polls whenever it leads).
     cluster.busy_poll_node = Some(1);
     cluster.start_all();
     // Load an elected cluster: puts that meet the first election can see it

@@ -579,6 +579,13 @@ async fn invalid_configuration_is_rejected() {
         TcpTransport::start(config).await,
         Err(NetError::Config(_))
     ));
+    // Busy polling needs a current-thread runtime (this one has two workers).
+    let mut config = TcpConfig::client(CLUSTER_ID, 1);
+    config.busy_poll = Some(Duration::from_millis(1));
+    assert!(matches!(
+        TcpTransport::start(config).await,
+        Err(NetError::Config(_))
+    ));
     let taken = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let config = TcpConfig::member(CLUSTER_ID, 1, taken.local_addr().expect("address"));
     assert!(matches!(
@@ -744,10 +751,12 @@ async fn shutdown_ends_a_connection_whose_peer_does_not_read() {
 // Proves busy polling ([`TcpConfig::busy_poll`]) on both sides changes nothing a caller sees,
 // polls while frames come in (inbound requests on the server, replies on the client), goes to
 // sleep once they stop, and ends with the transport; bad windows are configuration errors.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// (Busy polling runs on current-thread runtimes only; a multi-thread one refuses it, see
+// `invalid_configuration_is_rejected`.)
+#[tokio::test(flavor = "current_thread")]
 async fn busy_polling_serves_calls_and_sleeps_when_idle() {
-    let window = Duration::from_millis(20);
-    for bad in [Duration::ZERO, Duration::from_secs(2)] {
+    let window = Duration::from_millis(5);
+    for bad in [Duration::ZERO, Duration::from_millis(11)] {
         let mut config = TcpConfig::client(CLUSTER_ID, 1);
         config.busy_poll = Some(bad);
         assert!(
@@ -818,7 +827,7 @@ async fn busy_polling_serves_calls_and_sleeps_when_idle() {
     parked(&server_poll, server_after.parks + 1).await;
     parked(&client_poll, client_after.parks + 1).await;
 
-    // Switched off, frames no longer wake it.
+    // Switched off, frames no longer make it poll.
     server_poll.set_enabled(false);
     let off = server_poll.stats();
     assert_still_serves(address).await;

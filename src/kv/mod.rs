@@ -39,7 +39,9 @@ pub use replicated::{
 pub use rpc::{EndpointRpc, KV_REQUEST_KIND, KvResponse, ServerUnavailable};
 pub use server::{KvServer, KvServerConfig, KvServerError, KvServerStats};
 pub use state_machine::{Applied, MemoryKv, VersionedMap, apply, execute};
-pub use status::{KV_STATUS_KIND, NodeRole, NodeStatus, StatusRequest, fetch_status, serve_status};
+pub use status::{
+    KV_STATUS_KIND, NodeCounters, NodeRole, NodeStatus, StatusRequest, fetch_status, serve_status,
+};
 pub use types::{
     COMMAND_BYTES_MAX, COMMAND_FORMAT, DecodeError, KEY_BYTES_MAX, KvCommand, KvError, KvReply,
     REPLY_BYTES_MAX, REPLY_FORMAT, SizeLimitedField, VALUE_BYTES_MAX, Version, Versioned,

@@ -1,6 +1,7 @@
 //! The status RPC of a replica: a small request ([`StatusRequest`], kind
 //! [`KV_STATUS_KIND`]) answered with the replica's [`NodeStatus`] — its Raft
-//! role, term, leader and indexes, and the size of its persisted Raft log.
+//! role, term, leader and indexes, the size of its persisted Raft log, and
+//! its work counters ([`NodeCounters`]: flushes, entries written and sent).
 //! It is what `raftkv status` shows, one row per node, and what a test or an
 //! operator polls to see a leader elected or a restarted node catch up.
 //!
@@ -32,12 +33,14 @@ use tokio::sync::Semaphore;
 
 use crate::NodeId;
 use crate::net::{Endpoint, Kind, NetError, Rpc};
-use crate::raft::{Role, StopReason};
+use crate::raft::{Metrics, Role, StopReason};
 use crate::rsm::{Rsm, StateMachine};
 use crate::storage::RaftLogStorage;
 
 /// Kind of the status request ([`StatusRequest`]) and its reply ([`NodeStatus`]).
-pub const KV_STATUS_KIND: Kind = Kind::new(0x0202, 1);
+/// Version 2 added [`NodeStatus::counters`]; a version-1 peer is refused
+/// with [`RemoteFault::VersionMismatch`](crate::net::RemoteFault::VersionMismatch).
+pub const KV_STATUS_KIND: Kind = Kind::new(0x0202, 2);
 
 /// Asks a replica for its [`NodeStatus`]. Carries nothing.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +120,58 @@ pub struct NodeStatus {
     pub raft_state_bytes: Option<u64>,
     /// Why the replica has stopped (it serves no requests), if it has.
     pub stopped: Option<String>,
+    /// The Raft driver's work counters since the replica started.
+    pub counters: NodeCounters,
+}
+
+/// A replica's work counters since it started (the Raft driver's
+/// [`Metrics`]), as the status RPC reports them: how much it wrote and sent,
+/// and how well its load was batched (entries per flush, per append).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCounters {
+    /// Storage commits, each one flush (`fdatasync`).
+    pub flushes: u64,
+    /// Log entries written by those commits.
+    pub entries_persisted: u64,
+    /// Storage commits that took 100 ms or more (each also logged).
+    pub slow_commits: u64,
+    /// Append messages carrying at least one entry sent.
+    pub append_messages_sent: u64,
+    /// Entries carried by those append messages.
+    pub append_entries_sent: u64,
+    /// Raft messages sent.
+    pub messages_sent: u64,
+    /// Raft messages the transport refused to send (queue full, shut down).
+    pub send_failures: u64,
+    /// Raft messages received.
+    pub messages_received: u64,
+    /// Received messages dropped (wrong group, forged sender, refused).
+    pub messages_rejected: u64,
+    /// Proposals the leader accepted (log entries it created).
+    pub proposals_accepted: u64,
+    /// Committed entries handed to the state machine.
+    pub entries_applied: u64,
+    /// Snapshots received from a leader and installed.
+    pub snapshots_installed: u64,
+}
+
+impl From<&Metrics> for NodeCounters {
+    fn from(metrics: &Metrics) -> Self {
+        NodeCounters {
+            flushes: metrics.flushes,
+            entries_persisted: metrics.entries_persisted,
+            slow_commits: metrics.slow_commits,
+            append_messages_sent: metrics.append_messages_sent,
+            append_entries_sent: metrics.append_entries_sent,
+            messages_sent: metrics.messages_sent,
+            send_failures: metrics.send_failures,
+            messages_received: metrics.messages_received,
+            messages_rejected: metrics.messages_rejected,
+            proposals_accepted: metrics.proposals_accepted,
+            entries_applied: metrics.entries_applied,
+            snapshots_installed: metrics.snapshots_installed,
+        }
+    }
 }
 
 /// Answers [`StatusRequest`]s on `endpoint` with the status of `rsm`, whose
@@ -155,6 +210,7 @@ where
                 snapshot_index: status.snapshot_index,
                 raft_state_bytes,
                 stopped: status.stopped.as_ref().map(stop_reason),
+                counters: NodeCounters::from(&status.metrics),
             }
         }
     })
@@ -272,6 +328,32 @@ mod tests {
                     assert!(status.commit_index >= status.applied_index);
                     assert!(status.last_index >= status.commit_index);
                     assert_eq!(status.stopped, None);
+                    // Every replica wrote the entries it applied (in at
+                    // least one flush; the vote's flush writes none), sent
+                    // and received messages.
+                    let counters = &status.counters;
+                    assert!(
+                        counters.entries_persisted >= status.applied_index,
+                        "{status:?}"
+                    );
+                    assert!(counters.flushes >= 1, "{status:?}");
+                    assert!(
+                        counters.entries_applied >= status.applied_index,
+                        "{status:?}"
+                    );
+                    assert!(counters.messages_sent > 0 && counters.messages_received > 0);
+                    assert_eq!(counters.slow_commits, 0, "virtual time: no slow commit");
+                }
+                // Only the leader proposed the 10 puts and sent them in appends.
+                let leader_counters = &leader.counters;
+                assert!(leader_counters.proposals_accepted >= 10, "{leader:?}");
+                assert!(leader_counters.append_entries_sent >= 2 * 10, "{leader:?}");
+                assert!(
+                    leader_counters.append_messages_sent <= leader_counters.append_entries_sent,
+                    "{leader:?}"
+                );
+                for follower in statuses.iter().filter(|s| s.id != leader.id) {
+                    assert_eq!(follower.counters.proposals_accepted, 0, "{follower:?}");
                 }
                 break leader.applied_index;
             }

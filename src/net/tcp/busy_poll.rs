@@ -99,7 +99,8 @@ impl BusyPoll {
     }
 
     /// Switches polling on or off. Off, the poller sleeps and frames do not
-    /// wake it; on, it polls for a window from now and after every frame.
+    /// make it poll (a frame may still wake it for one look); on, it polls
+    /// for a window from now and after every frame.
     pub fn set_enabled(&self, enabled: bool) {
         let was = self.shared.enabled.swap(enabled, Ordering::SeqCst);
         if enabled && !was {
@@ -204,10 +205,10 @@ mod tests {
         done()
     }
 
-    // Enabled and touched it polls; after the window it parks; disabled,
-    // frames do not wake it; enabling wakes it; shutdown ends it.
+    // Enabled it polls; disabled it parks and frames do not make it poll;
+    // enabling makes it poll again; shutdown ends it.
     #[tokio::test(flavor = "current_thread")]
-    async fn parks_after_the_window_and_wakes_on_a_frame() {
+    async fn polls_while_enabled_and_parks_when_disabled() {
         // A window long enough that the test's own turns fall inside it.
         let poll = BusyPoll::new(Duration::from_secs(30));
         let shutdown = CancellationToken::new();
@@ -234,6 +235,40 @@ mod tests {
         poll.set_enabled(true);
         assert!(until(100, || poll.stats().spins >= spins + 10).await);
 
+        shutdown.cancel();
+        task.await.expect("the poller ends at shutdown");
+    }
+
+    // A frame starts a window of polling; once the window has passed
+    // without another frame, the poller parks.
+    #[tokio::test(flavor = "current_thread")]
+    async fn parks_once_the_window_has_passed() {
+        let poll = BusyPoll::new(Duration::from_millis(2));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(poll.clone().run(shutdown.clone()));
+        let parked = |at_least: u64| {
+            let poll = poll.clone();
+            async move {
+                let started = Instant::now();
+                while poll.stats().parks < at_least {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(10),
+                        "no park: {:?}",
+                        poll.stats()
+                    );
+                    tokio::task::yield_now().await;
+                }
+            }
+        };
+        parked(1).await;
+        let before = poll.stats();
+        poll.touch();
+        parked(before.parks + 1).await;
+        let after = poll.stats();
+        assert!(
+            after.spins > before.spins,
+            "it polled in between: {after:?}"
+        );
         shutdown.cancel();
         task.await.expect("the poller ends at shutdown");
     }

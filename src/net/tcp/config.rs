@@ -46,12 +46,16 @@ pub struct TcpConfig {
     /// Busy polling: after every frame received, keep the runtime thread
     /// polling its sockets for this long instead of sleeping (see
     /// [`BusyPoll`](super::BusyPoll)); `None` (the default) never polls.
-    /// At most [`BUSY_POLL_WINDOW_MAX`].
+    /// At most [`BUSY_POLL_WINDOW_MAX`], and only on a current-thread
+    /// runtime ([`TcpTransport::start`](super::TcpTransport::start) refuses
+    /// it on another: there a polling worker does not poll the sockets).
     pub busy_poll: Option<Duration>,
 }
 
-/// Longest busy-polling window [`TcpConfig::busy_poll`] accepts.
-pub const BUSY_POLL_WINDOW_MAX: Duration = Duration::from_secs(1);
+/// Longest busy-polling window [`TcpConfig::busy_poll`] accepts: well under
+/// a Raft heartbeat interval (100 ms by default), so a node whose only
+/// traffic is heartbeats still sleeps most of the time.
+pub const BUSY_POLL_WINDOW_MAX: Duration = Duration::from_millis(10);
 
 impl TcpConfig {
     /// A cluster member listening on `listen_address`, with default bounds.
@@ -109,7 +113,7 @@ impl TcpConfig {
             .busy_poll
             .is_some_and(|window| window.is_zero() || window > BUSY_POLL_WINDOW_MAX)
         {
-            return fail("busy_poll must be a window between 0 and 1 s (exclusive of 0)");
+            return fail("busy_poll must be a window of more than 0 and at most 10 ms");
         }
         Ok(())
     }

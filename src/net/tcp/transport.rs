@@ -206,6 +206,13 @@ impl TcpTransport {
     /// accepting connections.
     pub async fn start(config: TcpConfig) -> Result<TcpTransport, NetError> {
         config.validate()?;
+        if config.busy_poll.is_some()
+            && Handle::current().runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread
+        {
+            return Err(NetError::Config(
+                "busy_poll needs a current-thread runtime".into(),
+            ));
+        }
         let listener = match config.listen_address {
             Some(address) => {
                 Some(
