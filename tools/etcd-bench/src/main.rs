@@ -48,7 +48,12 @@ enum Target {
 #[command(name = "etcd-bench")]
 struct Args {
     /// etcd client URLs, comma-separated (http://127.0.0.1:2379,...).
-    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        value_name = "URL[,URL...]",
+        value_delimiter = ',',
+        required = true
+    )]
     endpoints: Vec<String>,
     /// Concurrent clients, each with one operation outstanding (closed loop).
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -84,7 +89,9 @@ struct Args {
 }
 
 fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
-    let number = text.trim().trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let number = text
+        .trim()
+        .trim_end_matches(|c: char| c.is_ascii_alphabetic());
     if number.parse::<f64>() == Ok(0.0) {
         return Ok(Duration::ZERO);
     }
@@ -223,7 +230,8 @@ async fn find_leader(args: &Args) -> anyhow::Result<String> {
     let mut by_member = Vec::new();
     for endpoint in &args.endpoints {
         let status = async {
-            let mut client = Client::connect([endpoint.as_str()], Some(connect_options(args))).await?;
+            let mut client =
+                Client::connect([endpoint.as_str()], Some(connect_options(args))).await?;
             client.status().await
         }
         .await;
@@ -389,7 +397,8 @@ async fn run_client(
             break;
         }
         let key = &keys[rng.random_range(0..keys.len())];
-        let result = tokio::time::timeout(timeout, etcd.put(key.as_str(), value.clone(), None)).await;
+        let result =
+            tokio::time::timeout(timeout, etcd.put(key.as_str(), value.clone(), None)).await;
         if begin < started {
             continue;
         }
