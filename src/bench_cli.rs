@@ -25,8 +25,11 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
+use raftkv::NodeId;
 use raftkv::check::{CheckConfig, CheckOutcome, Recorder, check_history};
-use raftkv::kv::{Clerk, EndpointRpc, KvCommand, KvError, KvReply};
+use raftkv::kv::{
+    Clerk, EndpointRpc, KvCommand, KvError, KvReply, NodeCounters, NodeRole, fetch_status,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -187,6 +190,74 @@ struct Report {
     errors: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     linearizable: Option<String>,
+    /// What the leader did during the run (its status counters before and
+    /// after); `None` when no node answered as leader both times.
+    server: Option<ServerReport>,
+}
+
+/// The leader's work during the run: how the load was batched.
+#[derive(Serialize)]
+struct ServerReport {
+    /// The node that led at the end of the run.
+    leader: NodeId,
+    /// Storage flushes on the leader during the run.
+    flushes: u64,
+    /// Log entries the leader created (each one carries one or more puts).
+    entries: u64,
+    /// Puts per log entry (`None` without entries).
+    puts_per_entry: Option<f64>,
+    /// Log entries per leader flush (`None` without flushes).
+    entries_per_flush: Option<f64>,
+}
+
+impl ServerReport {
+    fn new(leader: NodeId, before: &NodeCounters, after: &NodeCounters, puts: u64) -> Self {
+        let flushes = after.flushes.saturating_sub(before.flushes);
+        let entries = after
+            .proposals_accepted
+            .saturating_sub(before.proposals_accepted);
+        let ratio = |numerator: u64, denominator: u64| {
+            (denominator > 0).then(|| numerator as f64 / denominator as f64)
+        };
+        ServerReport {
+            leader,
+            flushes,
+            entries,
+            puts_per_entry: ratio(puts, entries),
+            entries_per_flush: ratio(entries, flushes),
+        }
+    }
+}
+
+/// Every node's counters and whether it leads, as far as each answers now
+/// (all asked at once, each within the call timeout).
+async fn server_counters(
+    rpc: &EndpointRpc,
+    servers: &[NodeId],
+) -> HashMap<NodeId, (bool, NodeCounters)> {
+    let asked = servers.iter().map(|&id| async move {
+        let status = fetch_status(rpc.endpoint(), id, rpc.call_timeout())
+            .await
+            .ok()?;
+        let leads = status.role == NodeRole::Leader && status.stopped.is_none();
+        Some((id, (leads, status.counters)))
+    });
+    futures::future::join_all(asked)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// The report of the node that leads after the run, if it answered before too.
+fn leader_report(
+    before: &HashMap<NodeId, (bool, NodeCounters)>,
+    after: &HashMap<NodeId, (bool, NodeCounters)>,
+    puts: u64,
+) -> Option<ServerReport> {
+    let (&leader, (_, counters)) = after.iter().find(|(_, (leads, _))| *leads)?;
+    let (_, earlier) = before.get(&leader)?;
+    Some(ServerReport::new(leader, earlier, counters, puts))
 }
 
 /// Everything the clients share.
@@ -291,6 +362,7 @@ async fn run(args: BenchArgs, key_count: u64) -> anyhow::Result<ExitCode> {
         preload(&shared, args.clients).await?;
     }
 
+    let counters_before = server_counters(&rpc, &servers).await;
     let progress = progress_bar(args.duration);
     let started = Instant::now();
     let deadline = started + args.duration;
@@ -346,6 +418,8 @@ async fn run(args: BenchArgs, key_count: u64) -> anyhow::Result<ExitCode> {
         bar.finish_and_clear();
     }
 
+    let counters_after = server_counters(&rpc, &servers).await;
+    let server = leader_report(&counters_before, &counters_after, counts.puts);
     let linearizable = match &shared.recorder {
         None => None,
         Some(recorder) => {
@@ -380,6 +454,7 @@ async fn run(args: BenchArgs, key_count: u64) -> anyhow::Result<ExitCode> {
         errors: counts.errors(),
         counts,
         linearizable,
+        server,
     };
     if args.client.json {
         print_line(&serde_json::to_string(&report)?)?;
@@ -421,6 +496,17 @@ fn print_text(report: &Report) -> anyhow::Result<()> {
         "errors:   {} (timeouts {}, ErrMaybe {}, other {}); ErrVersion {}, ErrNoKey {}",
         report.errors, c.timeouts, c.err_maybe, c.other_errors, c.err_version, c.err_no_key
     ))?;
+    if let Some(server) = &report.server {
+        let per = |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+        print_line(&format!(
+            "leader:   node {}: {} log entries ({} puts each), {} flushes ({} entries each)",
+            server.leader,
+            server.entries,
+            per(server.puts_per_entry),
+            server.flushes,
+            per(server.entries_per_flush)
+        ))?;
+    }
     if let Some(verdict) = &report.linearizable {
         print_line(&format!("linearizable: {verdict}"))?;
     }

@@ -1185,7 +1185,22 @@ fn bench_loads_a_cluster_and_checks_linearizability() {
         assert_eq!(report["errors"], 0, "{text}");
         let verdict = report["linearizable"].as_str().expect("--check verdict");
         assert!(verdict.starts_with("ok"), "{text}");
-        puts_ok += counts["puts"].as_u64().unwrap() - counts["err_version"].as_u64().unwrap();
+        // The leader's counters over the run: every put went into one of its
+        // log entries (several puts to an entry at most), flushed.
+        let puts = counts["puts"].as_u64().unwrap();
+        let server = &report["server"];
+        let entries = server["entries"].as_u64().expect("the leader's counters");
+        assert!(
+            (1..=puts).contains(&entries),
+            "{puts} puts in {entries} entries: {text}"
+        );
+        assert!(server["flushes"].as_u64().unwrap() >= 1, "{text}");
+        let per_entry = server["puts_per_entry"].as_f64().unwrap();
+        assert!(
+            (per_entry - puts as f64 / entries as f64).abs() < 1e-9,
+            "{text}"
+        );
+        puts_ok += puts - counts["err_version"].as_u64().unwrap();
     }
     let leader = cluster.wait_for_leader();
     cluster.terminate_all();
