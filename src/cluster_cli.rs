@@ -133,7 +133,8 @@ fn parse_busy_poll(text: &str) -> Result<Duration, String> {
     let window = crate::bench_cli::parse_duration(text)?;
     if window.is_zero() || window > BUSY_POLL_WINDOW_MAX {
         return Err(format!(
-            "{text:?} is out of range: more than 0 and at most 10ms"
+            "{text:?} is out of range: more than 0 and at most {}ms",
+            BUSY_POLL_WINDOW_MAX.as_millis()
         ));
     }
     Ok(window)
