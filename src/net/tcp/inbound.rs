@@ -145,7 +145,7 @@ async fn serve_inbound(
     let _ = stream.set_nodelay(true);
     let (read, write) = stream.into_split();
     let mut reader = FramedRead::new(read, wire::codec(HANDSHAKE_FRAME_BYTES_MAX));
-    let mut writer = FramedWrite::new(write, wire::codec(config.frame_bytes_max));
+    let mut writer = super::frame_writer(write, config);
     let hello = tokio::select! {
         biased;
         () = inner.shutdown.cancelled() => return,

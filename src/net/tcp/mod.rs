@@ -44,6 +44,96 @@ mod inbound;
 mod outbound;
 mod transport;
 
+/// The framed writer of one connection: frames up to `frame_bytes_max`,
+/// gathered into writes of up to `write_buffer_bytes` (see
+/// [`TcpConfig::write_buffer_bytes`]).
+fn frame_writer<W: tokio::io::AsyncWrite>(
+    io: W,
+    config: &TcpConfig,
+) -> tokio_util::codec::FramedWrite<W, tokio_util::codec::LengthDelimitedCodec> {
+    let mut writer =
+        tokio_util::codec::FramedWrite::new(io, crate::net::wire::codec(config.frame_bytes_max));
+    writer.set_backpressure_boundary(config.write_buffer_bytes);
+    writer
+}
+
 pub use busy_poll::{BusyPoll, BusyPollStats};
 pub use config::{BUSY_POLL_WINDOW_MAX, TcpConfig};
 pub use transport::{TcpStats, TcpTransport};
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use bytes::Bytes;
+    use futures::SinkExt;
+
+    use super::*;
+
+    /// Takes every write whole and counts them.
+    #[derive(Default)]
+    struct CountingWriter {
+        writes: usize,
+        bytes: usize,
+    }
+
+    impl tokio::io::AsyncWrite for CountingWriter {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.writes += 1;
+            self.bytes += buf.len();
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// How many writes a burst of `frames` frames of `size` bytes takes.
+    async fn writes_for_burst(config: &TcpConfig, frames: usize, size: usize) -> (usize, usize) {
+        let mut writer = frame_writer(CountingWriter::default(), config);
+        for _ in 0..frames {
+            writer
+                .feed(Bytes::from(vec![7u8; size]))
+                .await
+                .expect("feed");
+        }
+        SinkExt::<Bytes>::flush(&mut writer).await.expect("flush");
+        let io = writer.into_inner();
+        (io.writes, io.bytes)
+    }
+
+    // A burst of 64 put-sized frames (≈ 11 KB) leaves in one write with the
+    // default buffer, and in several once it exceeds the configured bound.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_burst_within_the_write_buffer_leaves_in_one_write() {
+        let config = TcpConfig::client(1, 1);
+        let (writes, bytes) = writes_for_burst(&config, 64, 170).await;
+        assert_eq!(bytes, 64 * (4 + 170), "every frame with its length prefix");
+        assert_eq!(writes, 1, "one write for the whole burst");
+
+        let small = TcpConfig {
+            write_buffer_bytes: 4096,
+            ..TcpConfig::client(1, 1)
+        };
+        let (writes, bytes) = writes_for_burst(&small, 64, 170).await;
+        assert_eq!(bytes, 64 * (4 + 170));
+        assert!(
+            writes >= 2,
+            "a 4 KiB bound splits an 11 KB burst: {writes} writes"
+        );
+
+        let mut bad = TcpConfig::client(1, 1);
+        bad.write_buffer_bytes = 0;
+        assert!(bad.validate().is_err());
+    }
+}

@@ -231,7 +231,7 @@ async fn connect(inner: &Inner, peer: NodeId) -> Result<Connection, String> {
         .map_err(|error| format!("set_nodelay: {error}"))?;
     let (read, write) = stream.into_split();
     let mut reader = FramedRead::new(read, wire::codec(HANDSHAKE_FRAME_BYTES_MAX));
-    let mut writer = FramedWrite::new(write, wire::codec(config.frame_bytes_max));
+    let mut writer = super::frame_writer(write, config);
     let role = if config.listen_address.is_some() {
         Role::Member
     } else {
