@@ -216,9 +216,6 @@ impl ServerReport {
         let entries = after
             .proposals_accepted
             .saturating_sub(before.proposals_accepted);
-        let ratio = |numerator: u64, denominator: u64| {
-            (denominator > 0).then(|| numerator as f64 / denominator as f64)
-        };
         ServerReport {
             leader,
             flushes,
@@ -227,6 +224,16 @@ impl ServerReport {
             entries_per_flush: ratio(entries, flushes),
         }
     }
+}
+
+/// `numerator / denominator`, or `None` when the denominator is 0.
+pub(crate) fn ratio(numerator: u64, denominator: u64) -> Option<f64> {
+    (denominator > 0).then(|| numerator as f64 / denominator as f64)
+}
+
+/// A ratio with one decimal, or `-` when there is none.
+pub(crate) fn one_decimal(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"))
 }
 
 /// Every node's counters and whether it leads, as far as each answers now
@@ -497,7 +504,7 @@ fn print_text(report: &Report) -> anyhow::Result<()> {
         report.errors, c.timeouts, c.err_maybe, c.other_errors, c.err_version, c.err_no_key
     ))?;
     if let Some(server) = &report.server {
-        let per = |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+        let per = one_decimal;
         print_line(&format!(
             "leader:   node {}: {} log entries ({} puts each), {} flushes ({} entries each)",
             server.leader,

@@ -634,13 +634,8 @@ fn render_counters_table(reports: &[NodeReport]) -> String {
         "APPLIED",
         "SLOW COMMITS",
     ];
-    let per = |entries: u64, batches: u64| {
-        if batches == 0 {
-            "-".to_owned()
-        } else {
-            format!("{:.1}", entries as f64 / batches as f64)
-        }
-    };
+    use crate::bench_cli::{one_decimal, ratio};
+    let per = |entries: u64, batches: u64| one_decimal(ratio(entries, batches));
     let rows: Vec<[String; 9]> = reports
         .iter()
         .filter_map(|report| {

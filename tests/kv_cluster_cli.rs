@@ -642,7 +642,13 @@ fn status_shows_every_node_and_a_stopped_one() {
         std::thread::sleep(POLL);
     }
 
-    let output = raftkv(&["status", "--servers", &servers, "--cluster-id", "status"]);
+    // `raftkv status` against this cluster, with `extra` flags.
+    let status = |extra: &str| {
+        let mut args = vec!["status", "--servers", &servers, "--cluster-id", "status"];
+        args.extend(Some(extra).filter(|flag| !flag.is_empty()));
+        raftkv(&args)
+    };
+    let output = status("");
     let text = stdout(&output);
     assert_eq!(output.status.code(), Some(0), "{text}{}", stderr(&output));
     let lines: Vec<&str> = text.lines().collect();
@@ -691,14 +697,7 @@ fn status_shows_every_node_and_a_stopped_one() {
         "{text}"
     );
 
-    let output = raftkv(&[
-        "status",
-        "--servers",
-        &servers,
-        "--cluster-id",
-        "status",
-        "--json",
-    ]);
+    let output = status("--json");
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     let nodes = json(&stdout(&output));
     let nodes = nodes.as_array().expect("a JSON array");
@@ -742,14 +741,7 @@ fn status_shows_every_node_and_a_stopped_one() {
     assert!(error.starts_with("Connection refused"), "{error}");
 
     // --counters: a second table, one row per node that answered.
-    let output = raftkv(&[
-        "status",
-        "--servers",
-        &servers,
-        "--cluster-id",
-        "status",
-        "--counters",
-    ]);
+    let output = status("--counters");
     let text = stdout(&output);
     assert_eq!(output.status.code(), Some(0), "{text}{}", stderr(&output));
     let tables: Vec<&str> = text.split("\n\n").collect();
