@@ -6,11 +6,17 @@
 # p99 ≤ 1/5).
 #
 #   scripts/compare-etcd.sh [--rounds 2] [--duration 10s] [--clients "1 16 64"]
-#                           [--raftkv-flags "FLAGS"]...
+#                           [--raftkv-flags "FLAGS"]... [--etcd-idle-poll]
 #
 # Each --raftkv-flags adds a raftkv variant whose servers get FLAGS (for example
 # --raftkv-flags "" --raftkv-flags "--busy-poll 1ms" runs the default and busy polling, each
 # round: etcd, then every variant); the table has a row per client count and variant.
+#
+# --etcd-idle-poll also runs etcd, every round, while this script holds the machine-wide CPU
+# latency request that `raftkv server --idle-poll` takes (0 µs on /dev/cpu_dma_latency: idle
+# CPUs poll instead of halting; needs root), so a raftkv variant with --idle-poll can be
+# compared with etcd under the same machine setting too: the table then has a second ratio
+# column, against that run.
 #
 # Needs what both scripts need: target/release/raftkv (cargo build --release), etcd and etcdctl
 # (apt-get install etcd-server etcd-client), protoc for the first build of tools/etcd-bench
@@ -21,12 +27,14 @@ ROUNDS=2
 DURATION=10s
 CLIENTS="1 16 64"
 VARIANTS=()
+ETCD_IDLE_POLL=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS=$2; shift 2 ;;
     --duration) DURATION=$2; shift 2 ;;
     --clients) CLIENTS=$2; shift 2 ;;
     --raftkv-flags) VARIANTS+=("$2"); shift 2 ;;
+    --etcd-idle-poll) ETCD_IDLE_POLL=1; shift ;;
     *) echo "unknown flag $1" >&2; exit 2 ;;
   esac
 done
@@ -58,6 +66,20 @@ for round in $(seq 1 "$ROUNDS"); do
     2>/dev/null | grep '^{' || true)
   [ -n "$results" ] || echo "  etcd gave no result this round (run scripts/etcd-bench.sh to see why)" >&2
   [ -z "$results" ] || sed 's/^/etcd /' <<<"$results" >>"$OUT"
+  if [ "$ETCD_IDLE_POLL" = 1 ]; then
+    echo "round $round/$ROUNDS: etcd with idle CPUs polling (load $(cut -d' ' -f1 /proc/loadavg), $(disk))" >&2
+    # Holds the request (a native i32 of µs, kept while the file is open) until killed.
+    python3 -c 'import os, signal, struct
+fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
+os.write(fd, struct.pack("i", 0))
+signal.pause()' &
+    holder=$!
+    results=$(scripts/etcd-bench.sh --duration "$DURATION" --clients "$CLIENTS" -- --json \
+      2>/dev/null | grep '^{' || true)
+    kill "$holder"; wait "$holder" 2>/dev/null || true
+    [ -n "$results" ] || echo "  etcd with idle CPUs polling gave no result this round" >&2
+    [ -z "$results" ] || sed 's/^/etcd-idle /' <<<"$results" >>"$OUT"
+  fi
   for variant in "${!VARIANTS[@]}"; do
     flags=${VARIANTS[$variant]}
     echo "round $round/$ROUNDS: raftkv ${flags:-(default flags)} (load $(cut -d' ' -f1 /proc/loadavg), $(disk))" >&2
@@ -76,8 +98,10 @@ for line in open(sys.argv[1]):
     run = json.loads(text)
     runs.setdefault((system, run["clients"]), []).append(run)
 variants = open(sys.argv[1] + ".variants").read().split("\n")[:-1]
-print("| clients | raftkv flags | raftkv puts/s | etcd puts/s | ratio | raftkv p99 ms | etcd p99 ms | p99 ratio | errors |")
-print("|---|---|---|---|---|---|---|---|---|")
+idle = any(system == "etcd-idle" for system, _ in runs)
+extra_head = " vs etcd idle-polling: puts/s, ratio, p99 ms, p99 ratio |" if idle else ""
+print("| clients | raftkv flags | raftkv puts/s | etcd puts/s | ratio | raftkv p99 ms | etcd p99 ms | p99 ratio | errors |" + extra_head)
+print("|---|---|---|---|---|---|---|---|---|" + ("---|" if idle else ""))
 for clients, variant in sorted({(c, v) for c in {c for _, c in runs} for v in range(len(variants))}):
     r, e = runs.get((f"raftkv{variant}", clients), []), runs.get(("etcd", clients), [])
     if not r or not e:
@@ -87,8 +111,15 @@ for clients, variant in sorted({(c, v) for c in {c for _, c in runs} for v in ra
     fmt = lambda xs, f: " / ".join(f.format(x) for x in xs)
     ratio = statistics.median(ops(r)) / statistics.median(ops(e))
     p99_ratio = statistics.median(p99(r)) / statistics.median(p99(e))
-    errors = sum(x["errors"] for x in r + e)
+    i = runs.get(("etcd-idle", clients), [])
+    errors = sum(x["errors"] for x in r + e + i)
     flags = f"`{variants[variant]}`" if variants[variant] else "(default)"
+    extra = ""
+    if idle:
+        extra = " – |"
+        if i:
+            extra = (f" {fmt(ops(i), '{:,.0f}')}, {statistics.median(ops(r)) / statistics.median(ops(i)):.1f}×, "
+                     f"{fmt(p99(i), '{:.1f}')}, {statistics.median(p99(r)) / statistics.median(p99(i)):.2f} |")
     print(f"| {clients} | {flags} | {fmt(ops(r), '{:,.0f}')} | {fmt(ops(e), '{:,.0f}')} | {ratio:.1f}× "
-          f"| {fmt(p99(r), '{:.1f}')} | {fmt(p99(e), '{:.1f}')} | {p99_ratio:.2f} | {errors} |")
+          f"| {fmt(p99(r), '{:.1f}')} | {fmt(p99(e), '{:.1f}')} | {p99_ratio:.2f} | {errors} |{extra}")
 EOF

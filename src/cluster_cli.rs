@@ -28,7 +28,9 @@ use raftkv::NodeId;
 use raftkv::kv::{
     Clerk, EndpointRpc, NodeRole, NodeStatus, RaftKvConfig, RaftKvServer, fetch_status,
 };
-use raftkv::net::tcp::{BUSY_POLL_WINDOW_MAX, BusyPoll, TcpConfig, TcpTransport};
+use raftkv::net::tcp::{
+    BUSY_POLL_WINDOW_MAX, BusyPoll, IDLE_POLL_WINDOW_MAX, TcpConfig, TcpTransport,
+};
 use raftkv::net::{Endpoint, NetError, RemoteFault};
 use raftkv::raft::{Role, Status};
 use raftkv::storage::{
@@ -107,6 +109,15 @@ pub struct ServerArgs {
     /// default; at most 10ms; needs --threads 1.
     #[arg(long, value_name = "DURATION", value_parser = parse_busy_poll)]
     busy_poll: Option<Duration>,
+    /// After every frame, ask the kernel to keep idle CPUs polling instead
+    /// of halting for DURATION (for example 1ms): a CPU latency request of
+    /// 0 µs on /dev/cpu_dma_latency, held while frames flow. No hop of a
+    /// request then waits for a halted CPU to wake (tens of µs each on a
+    /// VM). It takes no CPU time from tasks, but it is machine-wide and
+    /// costs power (on a VM, host CPU) while held. Needs write access to
+    /// the device (root). Off by default; at most 1s.
+    #[arg(long, value_name = "DURATION", value_parser = parse_idle_poll)]
+    idle_poll: Option<Duration>,
 }
 
 /// Switches `poll` on while the node leads (the one node on every
@@ -129,12 +140,24 @@ fn poll_while_leading(poll: BusyPoll, mut status: tokio::sync::watch::Receiver<S
     });
 }
 
+fn parse_idle_poll(text: &str) -> Result<Duration, String> {
+    parse_window(text, IDLE_POLL_WINDOW_MAX)
+}
+
 fn parse_busy_poll(text: &str) -> Result<Duration, String> {
+    parse_window(text, BUSY_POLL_WINDOW_MAX)
+}
+
+/// A polling window: more than 0 and at most `max` (a whole number of ms).
+fn parse_window(text: &str, max: Duration) -> Result<Duration, String> {
     let window = crate::bench_cli::parse_duration(text)?;
-    if window.is_zero() || window > BUSY_POLL_WINDOW_MAX {
+    if window.is_zero() || window > max {
+        let max = match max.as_millis() {
+            ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+            ms => format!("{ms}ms"),
+        };
         return Err(format!(
-            "{text:?} is out of range: more than 0 and at most {}ms",
-            BUSY_POLL_WINDOW_MAX.as_millis()
+            "{text:?} is out of range: more than 0 and at most {max}"
         ));
     }
     Ok(window)
@@ -314,6 +337,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
     .context("the store opening task failed")??;
     let mut tcp = TcpConfig::member(cluster_id(&args.cluster_id), id, addresses[&id]);
     tcp.busy_poll = args.busy_poll;
+    tcp.idle_poll = args.idle_poll;
     for (&peer, &address) in &addresses {
         if peer != id {
             tcp.peers.insert(peer, address);

@@ -83,6 +83,8 @@ struct Cluster {
     maxraftstate: Option<u64>,
     /// Node started with `--busy-poll` (it polls while it leads).
     busy_poll_node: Option<NodeId>,
+    /// Node started with `--idle-poll` (it holds a CPU latency request while frames flow).
+    idle_poll_node: Option<NodeId>,
     nodes: Vec<Option<Child>>,
     runtime: tokio::runtime::Runtime,
     endpoint: Endpoint,
@@ -104,6 +106,7 @@ impl Cluster {
             addresses,
             maxraftstate,
             busy_poll_node: None,
+            idle_poll_node: None,
             nodes: (0..size).map(|_| None).collect(),
             runtime,
             endpoint,
@@ -156,6 +159,9 @@ impl Cluster {
         }
         if self.busy_poll_node == Some(id) {
             command.args(["--busy-poll", "1ms"]);
+        }
+        if self.idle_poll_node == Some(id) {
+            command.args(["--idle-poll", "1ms"]);
         }
         command
     }
@@ -855,7 +861,7 @@ fn server_and_status_reject_bad_flags() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let data = data.to_str().unwrap();
-    let cases: [(&[&str], i32, &str); 13] = [
+    let cases: [(&[&str], i32, &str); 15] = [
         (
             &[
                 "--id",
@@ -966,6 +972,30 @@ fn server_and_status_reject_bad_flags() {
             ],
             1,
             "--busy-poll needs --threads 1",
+        ),
+        (
+            &[
+                "--id",
+                "1",
+                "--cluster",
+                "1=127.0.0.1:7001",
+                "--idle-poll",
+                "2s",
+            ],
+            2,
+            "at most 1s",
+        ),
+        (
+            &[
+                "--id",
+                "1",
+                "--cluster",
+                "1=127.0.0.1:7001",
+                "--idle-poll",
+                "0",
+            ],
+            2,
+            "must be more than 0",
         ),
     ];
     for (args, code, message) in cases {
@@ -1142,8 +1172,28 @@ fn restart_of_every_node_resumes_values_and_versions() {
 #[test]
 fn bench_loads_a_cluster_and_checks_linearizability() {
     let mut cluster = Cluster::new("bench", 3, None);
-    // Node 1 runs with --busy-poll (it polls whenever it leads).
+    // Node 1 runs with --busy-poll (it polls whenever it leads), node 3 with --idle-poll where
+    // this machine grants the CPU latency device (root); elsewhere node 3 must refuse to start
+    // with an error naming the device, and runs without the flag.
     cluster.busy_poll_node = Some(1);
+    let device = "/dev/cpu_dma_latency";
+    if std::fs::OpenOptions::new().write(true).open(device).is_ok() {
+        cluster.idle_poll_node = Some(3);
+    } else {
+        let output = raftkv(&[
+            "server",
+            "--id",
+            "3",
+            "--cluster",
+            &cluster.cluster_flag(),
+            "--data-dir",
+            cluster.dir.path().join("refused").to_str().unwrap(),
+            "--idle-poll",
+            "1ms",
+        ]);
+        assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+        assert!(stderr(&output).contains(device), "{}", stderr(&output));
+    }
     cluster.start_all();
     // Load an elected cluster: puts that meet the first election can see it
     // move on (their outcome unknown, ErrMaybe), which is right but not what

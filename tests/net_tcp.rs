@@ -68,6 +68,23 @@ async fn assert_still_serves(address: SocketAddr) {
     assert_eq!(reply.seq, 42);
 }
 
+/// Makes `calls` echo calls to node 1 in turn, each answered with its own sequence number.
+async fn echo_calls(endpoint: &Endpoint, calls: u64) {
+    for seq in 0..calls {
+        let reply = endpoint
+            .call(
+                1,
+                &Echo {
+                    seq,
+                    body: vec![7; 64],
+                },
+            )
+            .await
+            .expect("echo");
+        assert_eq!(reply.seq, seq);
+    }
+}
+
 /// Reads until the server closes the connection; returns what it sent.
 async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
     let mut received = Vec::new();
@@ -801,19 +818,7 @@ async fn busy_polling_serves_calls_and_sleeps_when_idle() {
     let (server_before, client_before) = (server_poll.stats(), client_poll.stats());
 
     let endpoint = client.endpoint();
-    for seq in 0..50 {
-        let reply = endpoint
-            .call(
-                1,
-                &Echo {
-                    seq,
-                    body: vec![7; 64],
-                },
-            )
-            .await
-            .expect("echo");
-        assert_eq!(reply.seq, seq);
-    }
+    echo_calls(&endpoint, 50).await;
     let (server_after, client_after) = (server_poll.stats(), client_poll.stats());
     assert!(
         server_after.spins > server_before.spins,
@@ -843,4 +848,91 @@ async fn busy_polling_serves_calls_and_sleeps_when_idle() {
     })
     .await
     .expect("the pollers end with their transports");
+}
+
+/// The requests written to a stand-in CPU latency device, in order (the kernel reads each as a
+/// native-endian i32 of µs).
+fn latency_requests(path: &std::path::Path) -> Vec<i32> {
+    std::fs::read(path)
+        .expect("read the stand-in device")
+        .chunks(4)
+        .map(|bytes| i32::from_ne_bytes(bytes.try_into().expect("whole requests")))
+        .collect()
+}
+
+// Proves idle polling ([`TcpConfig::idle_poll`]) holds a CPU latency request of 0 µs while frames
+// flow and releases it once none came for a window, without changing what callers see; that the
+// window's bounds are checked; and that a device it cannot open fails the start with an error
+// naming the device. A regular file stands in for /dev/cpu_dma_latency (the CLI tests use the
+// real one).
+#[tokio::test]
+async fn idle_polling_holds_the_latency_request_while_frames_flow() {
+    let window = Duration::from_millis(20);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let device = dir.path().join("cpu_dma_latency");
+    std::fs::write(&device, b"").expect("create the stand-in device");
+    for bad in [Duration::ZERO, Duration::from_millis(1001)] {
+        let mut config = TcpConfig::client(CLUSTER_ID, 1);
+        config.idle_poll = Some(bad);
+        config.idle_poll_device = device.clone();
+        assert!(
+            matches!(TcpTransport::start(config).await, Err(NetError::Config(_))),
+            "window {bad:?} must be refused"
+        );
+    }
+    let mut config = TcpConfig::client(CLUSTER_ID, 1);
+    config.idle_poll = Some(window);
+    config.idle_poll_device = dir.path().join("missing");
+    let error = TcpTransport::start(config)
+        .await
+        .expect_err("no device, no start");
+    assert!(
+        matches!(error, NetError::Io { .. }) && error.to_string().contains("missing"),
+        "{error}"
+    );
+
+    let server_device = device.clone();
+    let (server, _endpoint, address) = server_with(move |mut config| {
+        config.idle_poll = Some(window);
+        config.idle_poll_device = server_device.clone();
+        config
+    })
+    .await;
+    let poll = server.idle_poll().expect("configured").clone();
+    assert_eq!(poll.window(), window);
+    assert!(!poll.stats().held, "no frame yet, nothing held");
+    assert!(latency_requests(&device).is_empty());
+
+    let mut config = TcpConfig::client(CLUSTER_ID, 500);
+    config.peers.insert(1, address);
+    let client = TcpTransport::start(config).await.expect("client starts");
+    let endpoint = client.endpoint();
+    echo_calls(&endpoint, 50).await;
+    let during = poll.stats();
+    assert!(during.holds >= 1, "frames took the request: {during:?}");
+    // Released once a window passes without frames.
+    tokio::time::timeout(PATIENCE, async {
+        while poll.stats().held {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the request is released when frames stop");
+    let requests = latency_requests(&device);
+    assert!(
+        !requests.is_empty() && requests.len() % 2 == 0,
+        "{requests:?}"
+    );
+    for pair in requests.chunks(2) {
+        assert_eq!(pair, [0, i32::MAX], "hold, then release: {requests:?}");
+    }
+    assert_eq!(requests.len() as u64, 2 * poll.stats().holds);
+    assert_eq!(poll.stats().failures, 0);
+
+    tokio::time::timeout(PATIENCE, async {
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await
+    .expect("the poller ends with its transport");
 }

@@ -24,8 +24,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+use super::activity::Activity;
 
 /// The handle of a transport's busy poller. Cheap to clone; every clone
 /// controls the same poller.
@@ -38,11 +39,7 @@ pub struct BusyPoll {
 struct Shared {
     window: Duration,
     enabled: AtomicBool,
-    /// Frames seen (any number; only changes matter).
-    activity: AtomicU64,
-    /// Set while the poller waits for activity: the next frame notifies it.
-    parked: AtomicBool,
-    wake: Notify,
+    activity: Activity,
     /// Turns of the loop spent polling, for tests and monitoring.
     spins: AtomicU64,
     /// Times the poller went to sleep.
@@ -84,9 +81,7 @@ impl BusyPoll {
             shared: Arc::new(Shared {
                 window,
                 enabled: AtomicBool::new(true),
-                activity: AtomicU64::new(0),
-                parked: AtomicBool::new(false),
-                wake: Notify::new(),
+                activity: Activity::default(),
                 spins: AtomicU64::new(0),
                 parks: AtomicU64::new(0),
             }),
@@ -104,7 +99,7 @@ impl BusyPoll {
     pub fn set_enabled(&self, enabled: bool) {
         let was = self.shared.enabled.swap(enabled, Ordering::SeqCst);
         if enabled && !was {
-            self.shared.wake.notify_one();
+            self.shared.activity.wake.notify_one();
         }
     }
 
@@ -124,24 +119,20 @@ impl BusyPoll {
     /// A frame arrived: poll for another window (waking the poller if it
     /// sleeps while enabled).
     pub(super) fn touch(&self) {
-        let shared = &self.shared;
-        shared.activity.fetch_add(1, Ordering::SeqCst);
-        if shared.parked.load(Ordering::SeqCst) && shared.parked.swap(false, Ordering::SeqCst) {
-            shared.wake.notify_one();
-        }
+        self.shared.activity.touch();
     }
 
     /// The polling loop; ends when `shutdown` is cancelled.
     pub(super) async fn run(self, shutdown: CancellationToken) {
         let shared = &*self.shared;
-        let mut seen = shared.activity.load(Ordering::SeqCst);
+        let mut seen = shared.activity.frames();
         let mut last = Instant::now();
         loop {
             if shutdown.is_cancelled() {
                 return;
             }
             let now = Instant::now();
-            let activity = shared.activity.load(Ordering::SeqCst);
+            let activity = shared.activity.frames();
             if activity != seen {
                 seen = activity;
                 last = now;
@@ -154,14 +145,14 @@ impl BusyPoll {
             }
             // Sleep. Enabled, the next frame wakes the poller (`parked` tells
             // `touch` to notify); disabled, only `set_enabled(true)` does.
-            let notified = shared.wake.notified();
+            let notified = shared.activity.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if enabled {
-                shared.parked.store(true, Ordering::SeqCst);
+                shared.activity.parked.store(true, Ordering::SeqCst);
                 // A frame between the check above and `parked`: poll on.
-                if shared.activity.load(Ordering::SeqCst) != seen {
-                    shared.parked.store(false, Ordering::SeqCst);
+                if shared.activity.frames() != seen {
+                    shared.activity.parked.store(false, Ordering::SeqCst);
                     continue;
                 }
             } else if shared.enabled.load(Ordering::SeqCst) {
@@ -173,9 +164,9 @@ impl BusyPoll {
                 () = shutdown.cancelled() => return,
                 () = notified => {}
             }
-            shared.parked.store(false, Ordering::SeqCst);
+            shared.activity.parked.store(false, Ordering::SeqCst);
             // Woken by a frame or by enabling: poll a window from now.
-            seen = shared.activity.load(Ordering::SeqCst);
+            seen = shared.activity.frames();
             last = Instant::now();
         }
     }

@@ -57,12 +57,29 @@ pub struct TcpConfig {
     /// runtime ([`TcpTransport::start`](super::TcpTransport::start) refuses
     /// it on another: there a polling worker does not poll the sockets).
     pub busy_poll: Option<Duration>,
+    /// Idle polling: after every frame received, ask the kernel to keep idle
+    /// CPUs polling instead of halting for this long (a CPU latency request
+    /// of 0 µs on [`idle_poll_device`](Self::idle_poll_device); see
+    /// [`IdlePoll`](super::IdlePoll)); `None` (the default) never asks.
+    /// Machine-wide while held, and needs write access to the device. At
+    /// most [`IDLE_POLL_WINDOW_MAX`]; any runtime.
+    pub idle_poll: Option<Duration>,
+    /// The CPU latency QoS device [`idle_poll`](Self::idle_poll) writes to
+    /// ([`CPU_LATENCY_DEVICE`](super::CPU_LATENCY_DEVICE), `/dev/cpu_dma_latency`,
+    /// by default).
+    pub idle_poll_device: std::path::PathBuf,
 }
 
 /// Longest busy-polling window [`TcpConfig::busy_poll`] accepts: well under
 /// a Raft heartbeat interval (100 ms by default), so a node whose only
 /// traffic is heartbeats still sleeps most of the time.
 pub const BUSY_POLL_WINDOW_MAX: Duration = Duration::from_millis(10);
+
+/// Longest idle-polling window [`TcpConfig::idle_poll`] accepts. Idle
+/// polling takes no CPU time from the node's tasks, so the window may
+/// outlast a heartbeat interval; past a second it would hold the request
+/// through idle periods.
+pub const IDLE_POLL_WINDOW_MAX: Duration = Duration::from_secs(1);
 
 impl TcpConfig {
     /// A cluster member listening on `listen_address`, with default bounds.
@@ -91,6 +108,8 @@ impl TcpConfig {
             reconnect_backoff_min: Duration::from_millis(50),
             reconnect_backoff_max: Duration::from_secs(2),
             busy_poll: None,
+            idle_poll: None,
+            idle_poll_device: super::CPU_LATENCY_DEVICE.into(),
         }
     }
 
@@ -125,6 +144,12 @@ impl TcpConfig {
             .is_some_and(|window| window.is_zero() || window > BUSY_POLL_WINDOW_MAX)
         {
             return fail("busy_poll must be a window of more than 0 and at most 10 ms");
+        }
+        if self
+            .idle_poll
+            .is_some_and(|window| window.is_zero() || window > IDLE_POLL_WINDOW_MAX)
+        {
+            return fail("idle_poll must be a window of more than 0 and at most 1 s");
         }
         Ok(())
     }

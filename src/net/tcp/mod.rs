@@ -32,14 +32,19 @@
 //!
 //! Optional busy polling ([`TcpConfig::busy_poll`], [`BusyPoll`]) keeps the
 //! runtime thread polling its sockets for a window after every frame instead
-//! of sleeping, trading a busy CPU for the wake-up of each hop.
+//! of sleeping, trading a busy CPU for the wake-up of each hop. Optional
+//! idle polling ([`TcpConfig::idle_poll`], [`IdlePoll`]) asks the kernel to
+//! keep idle CPUs polling for a window after every frame (a machine-wide CPU
+//! latency request), so no hop's wake-up waits for a halted CPU.
 //!
 //! [`NetError`]: crate::net::NetError
 //! [`NetError::QueueFull`]: crate::net::NetError::QueueFull
 //! [`NetError::Unreachable`]: crate::net::NetError::Unreachable
 
+mod activity;
 mod busy_poll;
 mod config;
+mod idle_poll;
 mod inbound;
 mod outbound;
 mod transport;
@@ -58,7 +63,8 @@ fn frame_writer<W: tokio::io::AsyncWrite>(
 }
 
 pub use busy_poll::{BusyPoll, BusyPollStats};
-pub use config::{BUSY_POLL_WINDOW_MAX, TcpConfig};
+pub use config::{BUSY_POLL_WINDOW_MAX, IDLE_POLL_WINDOW_MAX, TcpConfig};
+pub use idle_poll::{CPU_LATENCY_DEVICE, IdlePoll, IdlePollStats};
 pub use transport::{TcpStats, TcpTransport};
 
 #[cfg(test)]

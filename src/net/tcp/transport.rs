@@ -19,6 +19,7 @@ use crate::net::dispatch::Dispatch;
 use crate::net::endpoint::Endpoint;
 use crate::net::tcp::TcpConfig;
 use crate::net::tcp::busy_poll::BusyPoll;
+use crate::net::tcp::idle_poll::{CpuLatencyRequest, IdlePoll};
 use crate::net::tcp::inbound::accept_loop;
 use crate::net::tcp::outbound::{LinkState, PeerLink, ReplyReceiver};
 use crate::net::transport::{CallFuture, MessageRole, RawHandler, RawInbox, Transport};
@@ -65,6 +66,7 @@ pub(super) struct Inner {
     pub(super) counters: Counters,
     /// The busy poller, when configured: told of every frame received.
     pub(super) busy_poll: Option<BusyPoll>,
+    pub(super) idle_poll: Option<IdlePoll>,
     addresses: Mutex<HashMap<NodeId, SocketAddr>>,
     links: Mutex<HashMap<NodeId, Arc<PeerLink>>>,
     next_call_id: AtomicU64,
@@ -80,6 +82,9 @@ impl Inner {
     /// A frame arrived: tell the busy poller, if any.
     pub(super) fn frame_received(&self) {
         if let Some(poll) = &self.busy_poll {
+            poll.touch();
+        }
+        if let Some(poll) = &self.idle_poll {
             poll.touch();
         }
     }
@@ -213,6 +218,11 @@ impl TcpTransport {
                 "busy_poll needs a current-thread runtime".into(),
             ));
         }
+        // Open the latency device first: without access, fail before binding.
+        let latency_request = match config.idle_poll {
+            Some(_) => Some(CpuLatencyRequest::open(&config.idle_poll_device)?),
+            None => None,
+        };
         let listener = match config.listen_address {
             Some(address) => {
                 Some(
@@ -235,6 +245,7 @@ impl TcpTransport {
         };
         let shutdown = CancellationToken::new();
         let config_busy_poll = config.busy_poll;
+        let config_idle_poll = config.idle_poll;
         let inner = Arc::new(Inner {
             addresses: Mutex::new(
                 config
@@ -250,12 +261,16 @@ impl TcpTransport {
             runtime: Handle::current(),
             counters: Counters::default(),
             busy_poll: config_busy_poll.map(BusyPoll::new),
+            idle_poll: config_idle_poll.map(IdlePoll::new),
             links: Mutex::new(HashMap::new()),
             next_call_id: AtomicU64::new(1),
             local_address,
         });
         if let Some(poll) = &inner.busy_poll {
             inner.spawn(poll.clone().run(shutdown.clone()));
+        }
+        if let (Some(poll), Some(request)) = (&inner.idle_poll, latency_request) {
+            inner.spawn(poll.clone().run(request, shutdown.clone()));
         }
         if let Some(listener) = listener {
             tracing::info!(node = inner.config.node_id, address = ?local_address, "listening");
@@ -270,6 +285,11 @@ impl TcpTransport {
     /// The busy poller ([`TcpConfig::busy_poll`]), to switch it off and on.
     pub fn busy_poll(&self) -> Option<&BusyPoll> {
         self.inner.busy_poll.as_ref()
+    }
+
+    /// The idle poller ([`TcpConfig::idle_poll`]), for its counters.
+    pub fn idle_poll(&self) -> Option<&IdlePoll> {
+        self.inner.idle_poll.as_ref()
     }
 
     /// The address actually bound (with the real port when configured with
