@@ -39,8 +39,13 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ ${#VARIANTS[@]} -gt 0 ] || VARIANTS=("")
+if [ "$ETCD_IDLE_POLL" = 1 ] && [ ! -w /dev/cpu_dma_latency ]; then
+  echo "--etcd-idle-poll needs write access to /dev/cpu_dma_latency (root)" >&2
+  exit 2
+fi
 OUT=$(mktemp -t compare-etcd.XXXXXX)
-trap 'rm -f "$OUT" "$OUT.variants"' EXIT
+holder=
+trap 'rm -f "$OUT" "$OUT.variants" "$OUT.held"; [ -z "$holder" ] || kill "$holder" 2>/dev/null || true' EXIT
 # The disk's speed right now (both systems' figures move with it): p50 of 300 rounds of a
 # 200-byte pwrite + fdatasync in a zero-filled file where the benchmarks keep their data.
 disk() {
@@ -68,15 +73,22 @@ for round in $(seq 1 "$ROUNDS"); do
   [ -z "$results" ] || sed 's/^/etcd /' <<<"$results" >>"$OUT"
   if [ "$ETCD_IDLE_POLL" = 1 ]; then
     echo "round $round/$ROUNDS: etcd with idle CPUs polling (load $(cut -d' ' -f1 /proc/loadavg), $(disk))" >&2
-    # Holds the request (a native i32 of µs, kept while the file is open) until killed.
-    python3 -c 'import os, signal, struct
+    # Holds the request (a native i32 of µs, kept while the file is open) until killed; says
+    # so in $OUT.held once it holds it.
+    rm -f "$OUT.held"
+    python3 -c 'import os, signal, struct, sys
 fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
 os.write(fd, struct.pack("i", 0))
-signal.pause()' &
+open(sys.argv[1], "w").close()
+signal.pause()' "$OUT.held" &
     holder=$!
+    while [ ! -e "$OUT.held" ] && kill -0 "$holder" 2>/dev/null; do sleep 0.05; done
+    [ -e "$OUT.held" ] || { echo "cannot hold the CPU latency request" >&2; exit 1; }
     results=$(scripts/etcd-bench.sh --duration "$DURATION" --clients "$CLIENTS" -- --json \
       2>/dev/null | grep '^{' || true)
-    kill "$holder"; wait "$holder" 2>/dev/null || true
+    kill "$holder" 2>/dev/null || true
+    wait "$holder" 2>/dev/null || true
+    holder=
     [ -n "$results" ] || echo "  etcd with idle CPUs polling gave no result this round" >&2
     [ -z "$results" ] || sed 's/^/etcd-idle /' <<<"$results" >>"$OUT"
   fi

@@ -29,7 +29,8 @@ use raftkv::kv::{
     Clerk, EndpointRpc, NodeRole, NodeStatus, RaftKvConfig, RaftKvServer, fetch_status,
 };
 use raftkv::net::tcp::{
-    BUSY_POLL_WINDOW_MAX, BusyPoll, IDLE_POLL_WINDOW_MAX, TcpConfig, TcpTransport,
+    BUSY_POLL_WINDOW_MAX, BusyPoll, CPU_LATENCY_DEVICE, IDLE_POLL_WINDOW_MAX, TcpConfig,
+    TcpTransport,
 };
 use raftkv::net::{Endpoint, NetError, RemoteFault};
 use raftkv::raft::{Role, Status};
@@ -115,9 +116,13 @@ pub struct ServerArgs {
     /// request then waits for a halted CPU to wake (tens of µs each on a
     /// VM). It takes no CPU time from tasks, but it is machine-wide and
     /// costs power (on a VM, host CPU) while held. Needs write access to
-    /// the device (root). Off by default; at most 1s.
+    /// the device (root), and a cpuidle driver that honours it (a warning
+    /// says when there is none). Off by default; at most 50ms.
     #[arg(long, value_name = "DURATION", value_parser = parse_idle_poll)]
     idle_poll: Option<Duration>,
+    /// The CPU latency device --idle-poll writes to.
+    #[arg(long, value_name = "PATH", default_value = CPU_LATENCY_DEVICE, requires = "idle_poll")]
+    idle_poll_device: PathBuf,
 }
 
 /// Switches `poll` on while the node leads (the one node on every
@@ -148,16 +153,14 @@ fn parse_busy_poll(text: &str) -> Result<Duration, String> {
     parse_window(text, BUSY_POLL_WINDOW_MAX)
 }
 
-/// A polling window: more than 0 and at most `max` (a whole number of ms).
+/// A polling window: a duration (never 0: `parse_duration` refuses it) of
+/// at most `max` (a whole number of ms).
 fn parse_window(text: &str, max: Duration) -> Result<Duration, String> {
     let window = crate::bench_cli::parse_duration(text)?;
-    if window.is_zero() || window > max {
-        let max = match max.as_millis() {
-            ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
-            ms => format!("{ms}ms"),
-        };
+    if window > max {
         return Err(format!(
-            "{text:?} is out of range: more than 0 and at most {max}"
+            "{text:?} is out of range: more than 0 and at most {}ms",
+            max.as_millis()
         ));
     }
     Ok(window)
@@ -338,6 +341,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let mut tcp = TcpConfig::member(cluster_id(&args.cluster_id), id, addresses[&id]);
     tcp.busy_poll = args.busy_poll;
     tcp.idle_poll = args.idle_poll;
+    tcp.idle_poll_device = args.idle_poll_device.clone();
     for (&peer, &address) in &addresses {
         if peer != id {
             tcp.peers.insert(peer, address);

@@ -217,10 +217,28 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("raftkv: {error:#}");
+            eprintln!("raftkv: {}", error_text(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes, joined with `: `, skipping a cause whose text
+/// the message already ends with (errors that print their source too, such
+/// as `NetError::Io`, would otherwise repeat it).
+fn error_text(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if text.ends_with(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 /// Bytes of entry data shown as hex.
@@ -835,4 +853,30 @@ async fn work(args: MrWorkerArgs, app: std::sync::Arc<dyn App>) -> anyhow::Resul
         summary.tasks_failed
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+    use anyhow::Context;
+    use raftkv::net::NetError;
+    use std::sync::Arc;
+
+    #[test]
+    fn an_error_prints_each_cause_once() {
+        let denied = || std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        // A cause the message already ends with is not repeated.
+        let io = NetError::Io {
+            context: "cannot open /dev/x".into(),
+            source: Arc::new(denied()),
+        };
+        let error = Err::<(), _>(io).context("cannot start node 1").unwrap_err();
+        assert_eq!(
+            error_text(&error),
+            format!("cannot start node 1: cannot open /dev/x: {}", denied())
+        );
+        // Causes that do not print their source are all shown.
+        let error = Err::<(), _>(denied()).context("cannot read").unwrap_err();
+        assert_eq!(error_text(&error), format!("cannot read: {}", denied()));
+    }
 }

@@ -83,8 +83,9 @@ struct Cluster {
     maxraftstate: Option<u64>,
     /// Node started with `--busy-poll` (it polls while it leads).
     busy_poll_node: Option<NodeId>,
-    /// Node started with `--idle-poll` (it holds a CPU latency request while frames flow).
-    idle_poll_node: Option<NodeId>,
+    /// Node started with `--idle-poll` and this stand-in for the CPU latency device (it holds
+    /// a request there while frames flow).
+    idle_poll_node: Option<(NodeId, PathBuf)>,
     nodes: Vec<Option<Child>>,
     runtime: tokio::runtime::Runtime,
     endpoint: Endpoint,
@@ -160,8 +161,9 @@ impl Cluster {
         if self.busy_poll_node == Some(id) {
             command.args(["--busy-poll", "1ms"]);
         }
-        if self.idle_poll_node == Some(id) {
-            command.args(["--idle-poll", "1ms"]);
+        if let Some((_, device)) = self.idle_poll_node.as_ref().filter(|(node, _)| *node == id) {
+            command.args(["--idle-poll", "1ms", "--idle-poll-device"]);
+            command.arg(device);
         }
         command
     }
@@ -980,10 +982,10 @@ fn server_and_status_reject_bad_flags() {
                 "--cluster",
                 "1=127.0.0.1:7001",
                 "--idle-poll",
-                "2s",
+                "60ms",
             ],
             2,
-            "at most 1s",
+            "at most 50ms",
         ),
         (
             &[
@@ -1172,28 +1174,35 @@ fn restart_of_every_node_resumes_values_and_versions() {
 #[test]
 fn bench_loads_a_cluster_and_checks_linearizability() {
     let mut cluster = Cluster::new("bench", 3, None);
-    // Node 1 runs with --busy-poll (it polls whenever it leads), node 3 with --idle-poll where
-    // this machine grants the CPU latency device (root); elsewhere node 3 must refuse to start
-    // with an error naming the device, and runs without the flag.
+    // Node 1 runs with --busy-poll (it polls whenever it leads), node 3 with --idle-poll on a
+    // stand-in device file (the real /dev/cpu_dma_latency would change how this machine's CPUs
+    // idle while the tests run). A device that cannot be opened stops the node with an error
+    // naming it.
     cluster.busy_poll_node = Some(1);
-    let device = "/dev/cpu_dma_latency";
-    if std::fs::OpenOptions::new().write(true).open(device).is_ok() {
-        cluster.idle_poll_node = Some(3);
-    } else {
-        let output = raftkv(&[
-            "server",
-            "--id",
-            "3",
-            "--cluster",
-            &cluster.cluster_flag(),
-            "--data-dir",
-            cluster.dir.path().join("refused").to_str().unwrap(),
-            "--idle-poll",
-            "1ms",
-        ]);
-        assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
-        assert!(stderr(&output).contains(device), "{}", stderr(&output));
-    }
+    let missing = cluster.dir.path().join("no-such-device");
+    let output = raftkv(&[
+        "server",
+        "--id",
+        "3",
+        "--cluster",
+        &cluster.cluster_flag(),
+        "--data-dir",
+        cluster.dir.path().join("refused").to_str().unwrap(),
+        "--idle-poll",
+        "1ms",
+        "--idle-poll-device",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("idle_poll needs write access")
+            && stderr(&output).contains("no-such-device"),
+        "{}",
+        stderr(&output)
+    );
+    let device = cluster.dir.path().join("cpu_dma_latency");
+    std::fs::write(&device, b"").unwrap();
+    cluster.idle_poll_node = Some((3, device.clone()));
     cluster.start_all();
     // Load an elected cluster: puts that meet the first election can see it
     // move on (their outcome unknown, ErrMaybe), which is right but not what
@@ -1246,6 +1255,18 @@ fn bench_loads_a_cluster_and_checks_linearizability() {
     }
     let leader = cluster.wait_for_leader();
     cluster.terminate_all();
+    // Node 3 held the latency request (0 µs) while frames flowed and released it (i32::MAX) in
+    // between, alternately.
+    let requests: Vec<i32> = std::fs::read(&device)
+        .unwrap()
+        .chunks(4)
+        .map(|bytes| i32::from_ne_bytes(bytes.try_into().expect("whole requests")))
+        .collect();
+    assert!(!requests.is_empty(), "node 3 never took the request");
+    for (i, request) in requests.iter().enumerate() {
+        let expected = if i % 2 == 0 { 0 } else { i32::MAX };
+        assert_eq!(*request, expected, "hold, release, ...: {requests:?}");
+    }
     // Count the put commands in the leader's log (no snapshots: the whole log is there).
     let output = raftkv(&[
         "inspect",

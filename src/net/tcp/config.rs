@@ -61,8 +61,9 @@ pub struct TcpConfig {
     /// CPUs polling instead of halting for this long (a CPU latency request
     /// of 0 µs on [`idle_poll_device`](Self::idle_poll_device); see
     /// [`IdlePoll`](super::IdlePoll)); `None` (the default) never asks.
-    /// Machine-wide while held, and needs write access to the device. At
-    /// most [`IDLE_POLL_WINDOW_MAX`]; any runtime.
+    /// Machine-wide while held (until a window passes without a frame), and
+    /// needs write access to the device. At most [`IDLE_POLL_WINDOW_MAX`];
+    /// any runtime.
     pub idle_poll: Option<Duration>,
     /// The CPU latency QoS device [`idle_poll`](Self::idle_poll) writes to
     /// ([`CPU_LATENCY_DEVICE`](super::CPU_LATENCY_DEVICE), `/dev/cpu_dma_latency`,
@@ -75,11 +76,11 @@ pub struct TcpConfig {
 /// traffic is heartbeats still sleeps most of the time.
 pub const BUSY_POLL_WINDOW_MAX: Duration = Duration::from_millis(10);
 
-/// Longest idle-polling window [`TcpConfig::idle_poll`] accepts. Idle
-/// polling takes no CPU time from the node's tasks, so the window may
-/// outlast a heartbeat interval; past a second it would hold the request
-/// through idle periods.
-pub const IDLE_POLL_WINDOW_MAX: Duration = Duration::from_secs(1);
+/// Longest idle-polling window [`TcpConfig::idle_poll`] accepts: half a
+/// Raft heartbeat interval (100 ms by default), so a node whose only
+/// traffic is heartbeats releases the request between them (it is held up
+/// to two windows after a frame).
+pub const IDLE_POLL_WINDOW_MAX: Duration = Duration::from_millis(50);
 
 impl TcpConfig {
     /// A cluster member listening on `listen_address`, with default bounds.
@@ -149,7 +150,7 @@ impl TcpConfig {
             .idle_poll
             .is_some_and(|window| window.is_zero() || window > IDLE_POLL_WINDOW_MAX)
         {
-            return fail("idle_poll must be a window of more than 0 and at most 1 s");
+            return fail("idle_poll must be a window of more than 0 and at most 50 ms");
         }
         Ok(())
     }

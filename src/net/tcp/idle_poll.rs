@@ -15,14 +15,22 @@
 //! which spins the transport's own thread, it takes no CPU time from the
 //! machine's tasks: a polling idle CPU runs any task that becomes runnable.
 //! Its price is power — and, in a VM, host CPU: every vCPU looks busy to
-//! the host while the request is held. So [`IdlePoll`] holds it only for a
-//! window after each frame ([`TcpConfig::idle_poll`](super::TcpConfig::idle_poll))
-//! and releases it once the node has seen no frame for a window; a node
-//! whose only traffic is heartbeats holds it a few ms in every 100.
+//! the host while the request is held. So [`IdlePoll`] takes it at the
+//! first frame and releases it once a whole window
+//! ([`TcpConfig::idle_poll`](super::TcpConfig::idle_poll)) has passed
+//! without one — between one and two windows after the last frame (the
+//! poller looks once per window while it holds the request); a node whose
+//! only traffic is heartbeats holds it a few ms in every 100. The frame
+//! that ends an idle period still finds the CPUs halted: the request helps
+//! the hops that follow it.
 //!
 //! The request is machine-wide and needs write access to the device
 //! (root, or a udev rule granting it); [`TcpTransport::start`](super::TcpTransport::start)
-//! opens the device and fails with a clear error when it cannot.
+//! opens the device and fails with a clear error when it cannot. It only
+//! changes anything where a cpuidle driver honours it (`haltpoll` on KVM
+//! guests, `intel_idle`, `acpi_idle`); without one
+//! (`/sys/devices/system/cpu/cpuidle/current_driver` reads `none`) idle
+//! CPUs halt regardless, and the start logs a warning.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -38,6 +46,10 @@ use crate::net::NetError;
 
 /// Where Linux takes CPU latency requests.
 pub const CPU_LATENCY_DEVICE: &str = "/dev/cpu_dma_latency";
+
+/// Names the cpuidle driver, which decides whether latency requests change
+/// anything.
+const CPUIDLE_DRIVER: &str = "/sys/devices/system/cpu/cpuidle/current_driver";
 
 /// The latency written while held: idle CPUs must wake within 0 µs, so
 /// they poll.
@@ -99,6 +111,13 @@ impl CpuLatencyRequest {
                 ),
                 source: Arc::new(source),
             })?;
+        match std::fs::read_to_string(CPUIDLE_DRIVER) {
+            Ok(driver) if driver.trim() == "none" => tracing::warn!(
+                "idle polling has no effect here: no cpuidle driver ({CPUIDLE_DRIVER} reads none)"
+            ),
+            Ok(driver) => tracing::debug!(driver = driver.trim(), "idle polling on"),
+            Err(_) => {}
+        }
         Ok(CpuLatencyRequest {
             file,
             path: path.to_owned(),
@@ -193,10 +212,12 @@ impl IdlePoll {
                 continue;
             }
             if shared.held.load(Ordering::SeqCst) {
-                if !self.write(&mut request, RELEASED_US) {
+                let released = self.write(&mut request, RELEASED_US);
+                // Failed or not, the request ends: the file closes below.
+                shared.held.store(false, Ordering::SeqCst);
+                if !released {
                     break;
                 }
-                shared.held.store(false, Ordering::SeqCst);
             }
             // Sleep until the next frame (`parked` tells `touch` to notify).
             let notified = shared.activity.wake.notified();
@@ -259,9 +280,7 @@ mod tests {
         let poll = IdlePoll::new(Duration::from_millis(20));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(poll.clone().run(request, shutdown.clone()));
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        until(|| poll.shared.activity.parked.load(Ordering::SeqCst)).await;
         assert_eq!(poll.stats(), IdlePollStats::default(), "no frame, no hold");
         assert!(written(&device).is_empty());
 
@@ -288,6 +307,31 @@ mod tests {
         );
         assert!(!poll.stats().held);
         assert_eq!(poll.stats().failures, 0);
+    }
+
+    // A device that refuses writes (/dev/full: every write fails) stops the
+    // poller after one failure, with nothing held; frames go on.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_write_stops_the_poller() {
+        let request = CpuLatencyRequest::open(Path::new("/dev/full")).expect("open /dev/full");
+        let poll = IdlePoll::new(Duration::from_millis(20));
+        let task = tokio::spawn(poll.clone().run(request, CancellationToken::new()));
+        // Frames count from the poller's start: touch once it waits for one.
+        until(|| poll.shared.activity.parked.load(Ordering::SeqCst)).await;
+        poll.touch();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the poller stops on a failed write")
+            .expect("without panicking");
+        assert_eq!(
+            poll.stats(),
+            IdlePollStats {
+                held: false,
+                holds: 0,
+                failures: 1
+            }
+        );
+        poll.touch();
     }
 
     #[test]
