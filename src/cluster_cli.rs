@@ -110,11 +110,11 @@ pub struct ServerArgs {
     /// default; at most 10ms; needs --threads 1.
     #[arg(long, value_name = "DURATION", value_parser = parse_busy_poll)]
     busy_poll: Option<Duration>,
-    /// After every frame, ask the kernel to keep idle CPUs polling instead
-    /// of halting for DURATION (for example 1ms): a CPU latency request of
-    /// 0 µs on /dev/cpu_dma_latency, held while frames flow. No hop of a
-    /// request then waits for a halted CPU to wake (tens of µs each on a
-    /// VM). It takes no CPU time from tasks, but it is machine-wide and
+    /// While frames flow, ask the kernel to keep idle CPUs polling instead
+    /// of halting: a CPU latency request of 0 µs on /dev/cpu_dma_latency,
+    /// taken at a frame and released once DURATION (for example 1ms) passes
+    /// without one. The hops of a request then do not wait for a halted CPU
+    /// to wake (tens of µs each on a VM). It takes no CPU time from tasks, but it is machine-wide and
     /// costs power (on a VM, host CPU) while held. Needs write access to
     /// the device (root), and a cpuidle driver that honours it (a warning
     /// says when there is none). Off by default; at most 50ms.

@@ -66,6 +66,7 @@ pub(super) struct Inner {
     pub(super) counters: Counters,
     /// The busy poller, when configured: told of every frame received.
     pub(super) busy_poll: Option<BusyPoll>,
+    /// The idle poller, when configured: told of every frame received.
     pub(super) idle_poll: Option<IdlePoll>,
     addresses: Mutex<HashMap<NodeId, SocketAddr>>,
     links: Mutex<HashMap<NodeId, Arc<PeerLink>>>,
