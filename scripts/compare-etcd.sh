@@ -65,14 +65,24 @@ finally:
     os.close(fd); os.unlink(path)
 EOF
 }
+# Says which run starts, with the load and the disk's speed right before it.
+announce() {
+  echo "round $round/$ROUNDS: $1 (load $(cut -d' ' -f1 /proc/loadavg), $(disk))" >&2
+}
+# Runs a benchmark command ("$3"...) and appends its JSON lines to $OUT as "LABEL {...}"; says
+# so when it gave none. LABEL is "$1", WHAT (for that message) "$2".
+collect() {
+  local label=$1 what=$2 results
+  shift 2
+  results=$("$@" 2>/dev/null | grep '^{' || true)
+  [ -n "$results" ] || echo "  $what gave no result this round (run $* to see why)" >&2
+  [ -z "$results" ] || sed "s/^/$label /" <<<"$results" >>"$OUT"
+}
 for round in $(seq 1 "$ROUNDS"); do
-  echo "round $round/$ROUNDS: etcd (load $(cut -d' ' -f1 /proc/loadavg), $(disk))" >&2
-  results=$(scripts/etcd-bench.sh --duration "$DURATION" --clients "$CLIENTS" -- --json \
-    2>/dev/null | grep '^{' || true)
-  [ -n "$results" ] || echo "  etcd gave no result this round (run scripts/etcd-bench.sh to see why)" >&2
-  [ -z "$results" ] || sed 's/^/etcd /' <<<"$results" >>"$OUT"
+  announce etcd
+  collect etcd etcd scripts/etcd-bench.sh --duration "$DURATION" --clients "$CLIENTS" -- --json
   if [ "$ETCD_IDLE_POLL" = 1 ]; then
-    echo "round $round/$ROUNDS: etcd with idle CPUs polling (load $(cut -d' ' -f1 /proc/loadavg), $(disk))" >&2
+    announce "etcd with idle CPUs polling"
     # Holds the request (a native i32 of µs, kept while the file is open) until killed; says
     # so in $OUT.held once it holds it.
     rm -f "$OUT.held"
@@ -84,21 +94,17 @@ signal.pause()' "$OUT.held" &
     holder=$!
     while [ ! -e "$OUT.held" ] && kill -0 "$holder" 2>/dev/null; do sleep 0.05; done
     [ -e "$OUT.held" ] || { echo "cannot hold the CPU latency request" >&2; exit 1; }
-    results=$(scripts/etcd-bench.sh --duration "$DURATION" --clients "$CLIENTS" -- --json \
-      2>/dev/null | grep '^{' || true)
+    collect etcd-idle "etcd with idle CPUs polling" \
+      scripts/etcd-bench.sh --duration "$DURATION" --clients "$CLIENTS" -- --json
     kill "$holder" 2>/dev/null || true
     wait "$holder" 2>/dev/null || true
     holder=
-    [ -n "$results" ] || echo "  etcd with idle CPUs polling gave no result this round" >&2
-    [ -z "$results" ] || sed 's/^/etcd-idle /' <<<"$results" >>"$OUT"
   fi
   for variant in "${!VARIANTS[@]}"; do
     flags=${VARIANTS[$variant]}
-    echo "round $round/$ROUNDS: raftkv ${flags:-(default flags)} (load $(cut -d' ' -f1 /proc/loadavg), $(disk))" >&2
-    results=$(scripts/cluster-bench.sh --duration "$DURATION" --clients "$CLIENTS" \
-      --server-flags "$flags" -- --keys 1000 --json 2>/dev/null | grep '^{' || true)
-    [ -n "$results" ] || echo "  raftkv ${flags:-(default flags)} gave no result this round (run scripts/cluster-bench.sh --server-flags \"$flags\" to see why)" >&2
-    [ -z "$results" ] || sed "s/^/raftkv$variant /" <<<"$results" >>"$OUT"
+    announce "raftkv ${flags:-(default flags)}"
+    collect "raftkv$variant" "raftkv ${flags:-(default flags)}" scripts/cluster-bench.sh \
+      --duration "$DURATION" --clients "$CLIENTS" --server-flags "$flags" -- --keys 1000 --json
   done
 done
 printf '%s\n' "${VARIANTS[@]}" >"$OUT.variants"

@@ -114,10 +114,11 @@ pub struct ServerArgs {
     /// of halting: a CPU latency request of 0 µs on /dev/cpu_dma_latency,
     /// taken at a frame and released once DURATION (for example 1ms) passes
     /// without one. The hops of a request then do not wait for a halted CPU
-    /// to wake (tens of µs each on a VM). It takes no CPU time from tasks, but it is machine-wide and
-    /// costs power (on a VM, host CPU) while held. Needs write access to
-    /// the device (root), and a cpuidle driver that honours it (a warning
-    /// says when there is none). Off by default; at most 50ms.
+    /// to wake (tens of µs each on a VM). It takes no CPU time from tasks,
+    /// but it is machine-wide and costs power (on a VM, host CPU) while
+    /// held. Needs write access to the device (root), and a cpuidle driver
+    /// that honours it (a warning says when there is none). Off by default;
+    /// at most 50ms.
     #[arg(long, value_name = "DURATION", value_parser = parse_idle_poll)]
     idle_poll: Option<Duration>,
     /// The CPU latency device --idle-poll writes to.

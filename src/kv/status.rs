@@ -126,7 +126,10 @@ pub struct NodeStatus {
 
 /// A replica's work counters since it started (the Raft driver's
 /// [`Metrics`]), as the status RPC reports them: how much it wrote and sent,
-/// and how well its load was batched (entries per flush, per append).
+/// and how well its load was batched (entries per flush, per append). A
+/// type of its own rather than [`Metrics`] itself: this is a wire format,
+/// which changes only with [`KV_STATUS_KIND`]'s version, while the driver's
+/// metrics may change freely.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeCounters {
     /// Storage commits, each one flush (`fdatasync`).

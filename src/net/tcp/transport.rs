@@ -80,7 +80,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Inner {
-    /// A frame arrived: tell the busy poller, if any.
+    /// A frame arrived: tell the pollers that are configured.
     pub(super) fn frame_received(&self) {
         if let Some(poll) = &self.busy_poll {
             poll.touch();
