@@ -18,6 +18,11 @@
 # compared with etcd under the same machine setting too: the table then has a second ratio
 # column, against that run.
 #
+# When the client counts include 1, each round also runs scripts/commit-floor.py (about 7 s):
+# the p50/p99 of a durable majority commit on this disk with no network and no software, the
+# floor under any replicated put here; the table is followed by its medians next to the
+# 1-client p99 target (etcd's median p99 / 5).
+#
 # Needs what both scripts need: target/release/raftkv (cargo build --release), etcd and etcdctl
 # (apt-get install etcd-server etcd-client), protoc for the first build of tools/etcd-bench
 # (apt-get install protobuf-compiler). Both load 1,000 keys with 128-byte durable puts.
@@ -106,14 +111,21 @@ signal.pause()' "$OUT.held" &
     collect "raftkv$variant" "raftkv ${flags:-(default flags)}" scripts/cluster-bench.sh \
       --duration "$DURATION" --clients "$CLIENTS" --server-flags "$flags" -- --keys 1000 --json
   done
+  if [[ " $CLIENTS " == *" 1 "* ]]; then
+    echo "round $round/$ROUNDS: majority-commit floor of the disk (scripts/commit-floor.py)" >&2
+    collect floor "the majority-commit floor" scripts/commit-floor.py --json
+  fi
 done
 printf '%s\n' "${VARIANTS[@]}" >"$OUT.variants"
 python3 - "$OUT" <<'EOF'
 import json, statistics, sys
-runs = {}
+runs, floors = {}, []
 for line in open(sys.argv[1]):
     system, text = line.split(" ", 1)
     run = json.loads(text)
+    if system == "floor":
+        floors.append(run["majority_commit_us"])
+        continue
     runs.setdefault((system, run["clients"]), []).append(run)
 variants = open(sys.argv[1] + ".variants").read().split("\n")[:-1]
 idle = any(system == "etcd-idle" for system, _ in runs)
@@ -140,4 +152,11 @@ for clients, variant in sorted({(c, v) for c in {c for _, c in runs} for v in ra
                      f"{fmt(p99(i), '{:.1f}')}, {statistics.median(p99(r)) / statistics.median(p99(i)):.2f} |")
     print(f"| {clients} | {flags} | {fmt(ops(r), '{:,.0f}')} | {fmt(ops(e), '{:,.0f}')} | {ratio:.1f}× "
           f"| {fmt(p99(r), '{:.1f}')} | {fmt(p99(e), '{:.1f}')} | {p99_ratio:.2f} | {errors} |{extra}")
+etcd_one = runs.get(("etcd", 1), [])
+if floors and etcd_one:
+    target = statistics.median(x["latency_us"]["p99"] for x in etcd_one) / 5 / 1000
+    floor = lambda q: " / ".join(f"{f[q] / 1000:.2f}" for f in floors)
+    print(f"\n1 client: the p99 target (etcd's median p99 / 5) is {target:.2f} ms. This disk's "
+          f"majority-commit floor (no network, no software; one per round) is p50 {floor('p50')} ms, "
+          f"p99 {floor('p99')} ms.")
 EOF
