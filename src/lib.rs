@@ -1,7 +1,7 @@
 //! raftkv: an embeddable replicated storage engine.
 //!
-//! raftkv gives an application durable, replicated state: a sled-backed
-//! persister ([`storage`]), a Raft implementation with a pure protocol core
+//! raftkv gives an application durable, replicated state: a persister on
+//! its own write-ahead log or on sled ([`storage`]), a Raft implementation with a pure protocol core
 //! ([`raft`]), a transport with a simulated faulty network and TCP ([`net`]),
 //! a versioned key/value service ([`kv`]) with a linearizability checker
 //! ([`check`]), and a MapReduce framework ([`mr`]).

@@ -94,9 +94,10 @@ pub struct StoreConfig {
     /// The engine of a directory this open creates. Default
     /// [`StoreEngine::Sled`].
     pub engine: StoreEngine,
-    /// [`StoreEngine::Wal`]: a flush writes a checkpoint image once the newest
-    /// log segment holds this many bytes (and at least twice the size of the
-    /// last image, so writing images costs at most as much as the log).
+    /// [`StoreEngine::Wal`]: when the log moves to a new segment, a checkpoint
+    /// image is written once the log since the last image holds this many
+    /// bytes (and at least twice the size of the last image, so writing
+    /// images costs at most as much as the log).
     /// Default 64 MiB.
     pub wal_checkpoint_bytes: u64,
 }

@@ -1,10 +1,11 @@
-//! Durable state of a node: one sled database per data directory holding Raft
-//! hard state, log entries and snapshots per Raft group, the versioned
-//! key/value maps with their applied indexes, and MapReduce job state.
+//! Durable state of a node: one store per data directory (a write-ahead log
+//! with checkpoint images, or a sled database) holding Raft hard state, log
+//! entries and snapshots per Raft group, the versioned key/value maps with
+//! their applied indexes, and MapReduce job state.
 //!
-//! - [`Store`] keeps it in a data directory (sled); [`MemStore`] keeps it in a
-//!   [`MemDisk`] for simulation. Both run the same engine and pass the same
-//!   conformance suite.
+//! - [`Store`] keeps it in a data directory, on either [`StoreEngine`];
+//!   [`MemStore`] keeps it in a [`MemDisk`] for simulation. All of them share
+//!   the same batch and read logic and pass the same conformance suite.
 //! - [`Storage::commit`] writes a [`WriteBatch`] atomically and durably: read
 //!   the durability contract on [`Storage`] before using this module.
 //! - [`RaftLogStorage`], [`KvStorage`] and [`MrStorage`] are the read sides
@@ -12,7 +13,7 @@
 //!   and the MapReduce coordinator; [`NodeStorage`] is all three.
 //!
 //! This module owns the on-disk format (key layout in `format.rs`, described
-//! in `ARCHITECTURE.md`); nothing else may touch sled.
+//! in `ARCHITECTURE.md`); nothing else may touch sled or the log's files.
 
 mod config;
 mod engine;

@@ -1,4 +1,5 @@
-//! [`Store`]: the sled-backed store of one data directory.
+//! [`Store`]: the store of one data directory, on sled or on the write-ahead
+//! log.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
