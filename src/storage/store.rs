@@ -193,7 +193,7 @@ fn check_directory(path: &Path, config: &StoreConfig) -> Result<StoreEngine, Sto
             let mut names = std::fs::read_dir(path)?
                 .map(|entry| entry.map(|entry| entry.file_name()))
                 .collect::<Result<Vec<OsString>, _>>()?;
-            if names.iter().all(|name| name == wal::MARKER_TMP_FILE) && create {
+            if create && wal::is_interrupted_creation(&names) {
                 // A creation a crash interrupted before the marker existed.
                 for name in names.drain(..) {
                     std::fs::remove_file(path.join(name))?;

@@ -13,12 +13,16 @@
 //! # Files
 //!
 //! A directory holds:
-//! - `raftkv-wal`: the marker naming this layout (written first, fsynced);
+//! - `raftkv-wal`: the marker naming this layout (written last when the
+//!   directory is created, after the first segment; fsynced). Layout 2 adds
+//!   the flush-start bit to layout 1; a writable open of a layout-1
+//!   directory rewrites its marker first, so an older build refuses it;
 //! - `LOCK`: held with `flock` while a store has the directory open;
 //! - `wal-<seq>.log`: segments. Each is a run of records, one per applied
 //!   batch, numbered by a sequence that goes on across segments; `<seq>` is
 //!   the number of its first record. A record is `len u32 ‖ crc u32 ‖ seq u64
-//!   ‖ payload` (little-endian; `crc = crc32(seq ‖ payload)`), the payload a
+//!   ‖ payload` (little-endian; `crc = crc32(seq ‖ payload)`; the top bit of
+//!   the stored `seq` marks the first record of a flush), the payload a
 //!   run of operations (`1 ‖ key len u32 ‖ key ‖ value len u32 ‖ value` for a
 //!   put, `2 ‖ key len u32 ‖ key` for a delete). Segments are written with
 //!   zeros before use (by a thread of its own, one segment ahead: overwriting
@@ -50,11 +54,23 @@
 //! was created. In the newest segment a bad record is a write torn by the
 //! crash only if a sector-sized piece of it is still zeros (segments are
 //! zero-filled, so a record that did not fully reach the disk has one; bit
-//! rot does not — etcd's test): the log ends there (nothing after it was
+//! rot does not — etcd's test) and no later flush follows it: flushes are
+//! written one after another, each synced before the next starts, so a good
+//! record marked as a flush's first (searched for at every offset after the
+//! bad one) proves the bad record was synced, and is damage. A torn record
+//! may be followed by good records of its own flush (a flush's sectors reach
+//! the disk in any order). The log ends there (nothing after it was
 //! acknowledged: each flush syncs all it wrote), and a writable open
 //! truncates the segment there and zero-fills it again, so stale records
 //! beyond the new end can never be replayed after later writes. Any other
-//! bad record is `Corruption`, and the file is left as it is.
+//! bad record is `Corruption`, and the file is left as it is. What this
+//! cannot tell apart: damage inside the last flush to a record that holds a
+//! whole zero sector of its own (a value of zeros) looks like a torn write,
+//! as in etcd.
+//!
+//! A store always has a segment after its newest image (the segment exists
+//! before the image is written; a new directory gets segment 1 before its
+//! marker): none is `Corruption`, not an empty log.
 //!
 //! An open without `create_if_missing` (`raftkv inspect`) repairs nothing,
 //! deletes nothing, creates no file (not even `LOCK` when it is missing), and
@@ -80,13 +96,18 @@ use super::mem_store::{MemBackend, MemBatch, MemDisk};
 /// The file that marks a directory as a write-ahead-log store.
 pub(crate) const MARKER_FILE: &str = "raftkv-wal";
 /// What the marker file says.
-const MARKER_TEXT: &[u8] = b"raftkv write-ahead-log store, layout 1\n";
+const MARKER_TEXT: &[u8] = b"raftkv write-ahead-log store, layout 2\n";
+/// The marker of layout 1 (no flush-start bit), still read.
+const MARKER_TEXT_LAYOUT_1: &[u8] = b"raftkv write-ahead-log store, layout 1\n";
 /// The lock file.
 const LOCK_FILE: &str = "LOCK";
 /// Temporary files (incomplete images and segments) end with this.
 const TMP_SUFFIX: &str = ".tmp";
 /// Header of a record: payload length, crc, sequence number.
 const RECORD_HEADER_BYTES: usize = 16;
+/// The top bit of a record's stored sequence number: the record is the
+/// first of its flush (sequence numbers stay below [`SEQ_MAX`]).
+const FLUSH_START: u64 = 1 << 63;
 const OP_PUT: u8 = 1;
 const OP_DELETE: u8 = 2;
 /// First bytes of an image file.
@@ -305,9 +326,11 @@ fn le_u64(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Appends one record for `batch` to `buf`.
+/// Appends one record for `batch` to `buf`, the records of the next flush:
+/// the first one in `buf` is marked as a flush's first.
 fn encode_record(buf: &mut Vec<u8>, seq: u64, batch: &MemBatch) -> Result<(), StorageError> {
     let start = buf.len();
+    let stored_seq = if start == 0 { seq | FLUSH_START } else { seq };
     buf.extend_from_slice(&[0; RECORD_HEADER_BYTES]);
     batch.for_each_write(|key, value| match value {
         Some(value) => {
@@ -333,11 +356,11 @@ fn encode_record(buf: &mut Vec<u8>, seq: u64, batch: &MemBatch) -> Result<(), St
         });
     };
     let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&seq.to_le_bytes());
+    hasher.update(&stored_seq.to_le_bytes());
     hasher.update(&buf[start + RECORD_HEADER_BYTES..]);
     buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
     buf[start + 4..start + 8].copy_from_slice(&hasher.finalize().to_le_bytes());
-    buf[start + 8..start + 16].copy_from_slice(&seq.to_le_bytes());
+    buf[start + 8..start + 16].copy_from_slice(&stored_seq.to_le_bytes());
     Ok(())
 }
 
@@ -367,19 +390,17 @@ fn read_record(bytes: &[u8], at: usize, seq: u64) -> Read {
     }
     let len = le_u32(header, 0) as usize;
     let crc = le_u32(header, 4);
-    let found_seq = le_u64(header, 8);
+    let stored_seq = le_u64(header, 8);
     if len > rest.len() - RECORD_HEADER_BYTES {
         return Read::Bad(format!(
             "the record at offset {at} claims {len} bytes, past the end of the file"
         ));
     }
     let payload = &rest[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + len];
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&found_seq.to_le_bytes());
-    hasher.update(payload);
-    if hasher.finalize() != crc {
+    if !checksum_matches(stored_seq, payload, crc) {
         return Read::Bad(format!("the record at offset {at} fails its checksum"));
     }
+    let found_seq = stored_seq & !FLUSH_START;
     if found_seq != seq {
         return Read::Bad(format!(
             "the record at offset {at} is number {found_seq}, expected {seq}"
@@ -394,6 +415,33 @@ fn read_record(bytes: &[u8], at: usize, seq: u64) -> Read {
             "the record at offset {at} has malformed operations"
         )),
     }
+}
+
+fn checksum_matches(stored_seq: u64, payload: &[u8], crc: u32) -> bool {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&stored_seq.to_le_bytes());
+    hasher.update(payload);
+    hasher.finalize() == crc
+}
+
+/// The first good record after the bad one at `at` (expected to be number
+/// `seq`) that is the first of a later flush: its number and offset. Every
+/// offset is tried (the bad record's length may be damaged too); a
+/// candidate must carry the flush-start bit, a number after `seq` that the
+/// bytes left could hold, a length inside the file and a matching checksum.
+fn later_flush(bytes: &[u8], at: usize, seq: u64) -> Option<(u64, usize)> {
+    let records_max = (bytes.len() - at) as u64 / RECORD_HEADER_BYTES as u64;
+    (at + 1..bytes.len().saturating_sub(RECORD_HEADER_BYTES - 1)).find_map(|offset| {
+        let stored_seq = le_u64(bytes, offset + 8);
+        let number = stored_seq & !FLUSH_START;
+        if stored_seq & FLUSH_START == 0 || number <= seq || number - seq > records_max {
+            return None;
+        }
+        let len = le_u32(bytes, offset) as usize;
+        let payload =
+            bytes.get(offset + RECORD_HEADER_BYTES..offset + RECORD_HEADER_BYTES + len)?;
+        checksum_matches(stored_seq, payload, le_u32(bytes, offset + 4)).then_some((number, offset))
+    })
 }
 
 /// A record's operations as a batch (values copied out of the file buffer).
@@ -630,15 +678,19 @@ impl WalBackend {
                 });
             }
             std::fs::create_dir_all(dir)?;
-            let tmp = dir.join(MARKER_TMP_FILE);
-            let mut marker = File::create(&tmp)?;
-            marker.write_all(MARKER_TEXT)?;
-            marker.sync_all()?;
+            // The marker's temporary name first: a crash before the rename
+            // leaves a directory `is_interrupted_creation` recognizes.
+            let tmp = write_marker_tmp(dir)?;
+            let first = zeroed_file(
+                &dir.join(SPARE_SEGMENT),
+                segment_bytes_for(checkpoint_bytes_min),
+            )?;
+            install_segment(dir, &dir.join(SPARE_SEGMENT), 1, first)?;
             std::fs::rename(&tmp, dir.join(MARKER_FILE))?;
             sync_directory(dir)?;
         }
         let marker = std::fs::read(dir.join(MARKER_FILE))?;
-        if marker != MARKER_TEXT {
+        if marker != MARKER_TEXT && marker != MARKER_TEXT_LAYOUT_1 {
             return Err(StorageError::NotRaftkvDirectory {
                 path: dir.to_path_buf(),
                 reason: "the write-ahead-log marker names an unknown layout".to_owned(),
@@ -646,11 +698,18 @@ impl WalBackend {
         }
         let lock = lock_directory(dir, lock_timeout_ms, create)?;
         let replayed = replay(dir, create)?;
+        if create && marker != MARKER_TEXT {
+            // Layout 1 → 2 before the first write: records with the
+            // flush-start bit would misread in an older build.
+            let tmp = write_marker_tmp(dir)?;
+            std::fs::rename(&tmp, dir.join(MARKER_FILE))?;
+            sync_directory(dir)?;
+        }
         let checkpoint_bytes_min = checkpoint_bytes_min.max(1);
-        // A checkpoint comes after four segments or more.
-        let segment_bytes = (checkpoint_bytes_min / 4).clamp(1, SEGMENT_BYTES_MAX);
+        let segment_bytes = segment_bytes_for(checkpoint_bytes_min);
         let (segment, offset) = match replayed.last_segment {
-            _ if !create => (None, 0),
+            None => (None, 0),
+            Some(_) if !create => (None, 0),
             Some((start, end)) => {
                 let segment = OpenOptions::new()
                     .read(true)
@@ -664,19 +723,6 @@ impl WalBackend {
                     segment.sync_all()?;
                 }
                 (Some(segment), end)
-            }
-            None => {
-                let start = replayed.next_seq;
-                let segment = zeroed_file(&dir.join(SPARE_SEGMENT), segment_bytes)?;
-                (
-                    Some(install_segment(
-                        dir,
-                        &dir.join(SPARE_SEGMENT),
-                        start,
-                        segment,
-                    )?),
-                    0,
-                )
             }
         };
         let wal = Arc::new(Wal {
@@ -753,6 +799,33 @@ fn spawn_flusher(wal: &Arc<Wal>, every_ms: u64) -> (Arc<AtomicBool>, JoinHandle<
 }
 
 /// Creates (or empties) `path` and fills it with `bytes` zeros, synced.
+/// Segment size for a checkpoint threshold: a checkpoint comes after four
+/// segments or more.
+fn segment_bytes_for(checkpoint_bytes_min: u64) -> u64 {
+    (checkpoint_bytes_min.max(1) / 4).clamp(1, SEGMENT_BYTES_MAX)
+}
+
+/// Writes the current marker under its temporary name, synced.
+fn write_marker_tmp(dir: &Path) -> Result<PathBuf, StorageError> {
+    let tmp = dir.join(MARKER_TMP_FILE);
+    let mut marker = File::create(&tmp)?;
+    marker.write_all(MARKER_TEXT)?;
+    marker.sync_all()?;
+    Ok(tmp)
+}
+
+/// Whether a directory without a marker holding these names is one whose
+/// creation a crash interrupted: the marker's temporary name, with at most
+/// the first segment (zero-filled, never written: nothing is written before
+/// the marker exists) and its spare. Such a directory counts as empty.
+pub(crate) fn is_interrupted_creation(names: &[std::ffi::OsString]) -> bool {
+    let first = segment_name(1);
+    names.iter().any(|name| name == MARKER_TMP_FILE)
+        && names.iter().all(|name| {
+            name == MARKER_TMP_FILE || name == SPARE_SEGMENT || *name == *first.as_str()
+        })
+}
+
 fn zeroed_file(path: &Path, bytes: u64) -> Result<File, StorageError> {
     let file = OpenOptions::new()
         .read(true)
@@ -874,6 +947,16 @@ fn replay(dir: &Path, repair: bool) -> Result<Replayed, StorageError> {
         }
     }
     segments.retain(|&start| start > image_seq);
+    if segments.is_empty() {
+        let whose = match image_seq {
+            0 => "a store's first segment".to_owned(),
+            seq => format!("the segment after {}", image_name(seq)),
+        };
+        return Err(corrupt(
+            &segment_name(image_seq + 1),
+            format!("missing: {whose} is created before anything is written"),
+        ));
+    }
     let backend = MemBackend::on(disk.clone());
     let mut next_seq = image_seq + 1;
     let mut last_segment = None;
@@ -898,6 +981,15 @@ fn replay(dir: &Path, repair: bool) -> Result<Replayed, StorageError> {
                 }
                 Read::End => break,
                 Read::Bad(detail) if newest && is_torn(&bytes, at) => {
+                    if let Some((number, offset)) = later_flush(&bytes, at, next_seq) {
+                        return Err(corrupt(
+                            &name,
+                            format!(
+                                "{detail}; record {number} at offset {offset} starts a later \
+                                 flush, so this one was synced: damage, not a torn write"
+                            ),
+                        ));
+                    }
                     tracing::warn!(
                         file = %name,
                         %detail,
@@ -1333,6 +1425,22 @@ mod tests {
         }
     }
 
+    /// A config whose commits are flushed only when the store is dropped:
+    /// everything committed while it is open goes out in one flush.
+    fn one_flush_config() -> StoreConfig {
+        StoreConfig {
+            flush_mode: crate::storage::FlushMode::Background {
+                every_ms: 3_600_000,
+            },
+            ..config(64 << 20)
+        }
+    }
+
+    /// Whether the record at `at` carries the flush-start bit.
+    fn starts_flush(bytes: &[u8], at: usize) -> bool {
+        le_u64(bytes, at + 8) & FLUSH_START != 0
+    }
+
     /// A torn write at the end of the newest segment drops that record and
     /// everything after it; the next record written there must not bring
     /// back the old records that followed (same lengths, valid checksums).
@@ -1341,7 +1449,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let store = Store::open_with(dir.path(), &config(64 << 20)).expect("open");
-            for i in 1..=5u8 {
+            for i in 1..=2u8 {
+                put_long(&store, "k", i, u64::from(i));
+            }
+        }
+        {
+            let store = Store::open_with(dir.path(), &one_flush_config()).expect("reopen");
+            for i in 3..=5u8 {
                 put_long(&store, "k", i, u64::from(i));
             }
         }
@@ -1349,8 +1463,14 @@ mod tests {
         let mut bytes = std::fs::read(&segment).expect("read");
         let offsets = record_offsets(&bytes);
         assert_eq!(offsets.len(), 6, "the format marker and five puts");
+        let starts: Vec<bool> = offsets.iter().map(|&at| starts_flush(&bytes, at)).collect();
+        assert_eq!(
+            starts,
+            [true, true, true, true, false, false],
+            "3..5 in one flush"
+        );
         // The fourth record (version 3) torn; 4 and 5 made it to the disk
-        // (one flush, its pages written out of order).
+        // (the same flush, its pages written out of order).
         tear(&mut bytes, offsets[3]);
         std::fs::write(&segment, &bytes).expect("write");
         {
@@ -1717,6 +1837,181 @@ mod tests {
         std::fs::write(dir.path().join(image_name(u64::MAX)), &image).expect("image");
         let error = Store::open_with(dir.path(), &config(1 << 20)).expect_err("refused");
         assert!(matches!(error, StorageError::Corruption { .. }), "{error}");
+    }
+
+    /// The WAL-damage case a torn-write test alone gets wrong: a flipped bit
+    /// in a record that holds zero sectors of its own (a value of zeros)
+    /// looks torn, but later flushes follow it, so it was synced: the open
+    /// fails as corruption and the file keeps every record.
+    #[test]
+    fn damage_before_a_later_flush_is_corruption_even_with_zero_sectors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open_with(dir.path(), &config(64 << 20)).expect("open");
+            put_long(&store, "before", 7, 1);
+            let mut batch = WriteBatch::new();
+            batch.kv_put(0, "zeros".to_owned(), vec![0; 2048], 1);
+            store.commit(batch).expect("commit");
+            for i in 0..10u8 {
+                put(&store, &format!("after{i}"), i, 1);
+            }
+        }
+        let segment = dir.path().join(&segments(dir.path())[0]);
+        let mut bytes = std::fs::read(&segment).expect("read");
+        let offsets = record_offsets(&bytes);
+        assert_eq!(offsets.len(), 13);
+        let zeros = offsets[2];
+        assert!(
+            is_torn(&bytes, zeros),
+            "a zero sector of its own: looks torn"
+        );
+        bytes[zeros + 4] ^= 0x01; // the checksum
+        std::fs::write(&segment, &bytes).expect("write");
+        let error = Store::open_with(dir.path(), &config(64 << 20)).expect_err("corrupt");
+        assert!(
+            matches!(&error, StorageError::Corruption { detail, .. }
+                if detail.contains("checksum") && detail.contains("later flush")),
+            "{error}"
+        );
+        assert_eq!(
+            std::fs::read(&segment).expect("read"),
+            bytes,
+            "nothing was cut"
+        );
+        // The bad record's length damaged as well: found by trying every offset.
+        bytes[zeros] ^= 0x10;
+        std::fs::write(&segment, &bytes).expect("write");
+        let error = Store::open_with(dir.path(), &config(64 << 20)).expect_err("corrupt");
+        assert!(
+            matches!(&error, StorageError::Corruption { detail, .. } if detail.contains("later flush")),
+            "{error}"
+        );
+    }
+
+    /// A store's segments can vanish; the newest image (or the store's
+    /// creation) proves that one must exist, so none is corruption, never an
+    /// empty log.
+    #[test]
+    fn a_store_without_its_first_segment_is_corruption() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open_with(dir.path(), &config(64 << 20)).expect("open");
+            put(&store, "k", 1, 1);
+        }
+        for name in segments(dir.path()) {
+            std::fs::remove_file(dir.path().join(name)).expect("remove");
+        }
+        let error = Store::open_with(dir.path(), &config(64 << 20)).expect_err("no segment");
+        assert!(
+            matches!(&error, StorageError::Corruption { record, detail }
+                if record.contains(&segment_name(1)) && detail.contains("missing")),
+            "{error}"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open_with(dir.path(), &config(512)).expect("open");
+            for i in 0..100u64 {
+                put(&store, "k", i as u8, i + 1);
+            }
+        }
+        let images = files(dir.path(), "image-");
+        assert_eq!(images.len(), 1);
+        for name in segments(dir.path()) {
+            std::fs::remove_file(dir.path().join(name)).expect("remove");
+        }
+        let error = Store::open_with(dir.path(), &config(512)).expect_err("no segment");
+        assert!(
+            matches!(&error, StorageError::Corruption { detail, .. }
+                if detail.contains("missing") && detail.contains(&images[0])),
+            "{error}"
+        );
+    }
+
+    /// Rewrites a segment as layout 1 wrote it: no flush-start bits.
+    fn as_layout_1(bytes: &mut [u8]) {
+        for at in record_offsets(bytes) {
+            let seq = le_u64(bytes, at + 8) & !FLUSH_START;
+            let len = le_u32(bytes, at) as usize;
+            let mut hasher = crc32fast::Hasher::new();
+            hasher.update(&seq.to_le_bytes());
+            hasher.update(&bytes[at + RECORD_HEADER_BYTES..at + RECORD_HEADER_BYTES + len]);
+            bytes[at + 4..at + 8].copy_from_slice(&hasher.finalize().to_le_bytes());
+            bytes[at + 8..at + 16].copy_from_slice(&seq.to_le_bytes());
+        }
+    }
+
+    /// A layout-1 directory (no flush-start bits) is read as it is; a
+    /// read-only open leaves its marker, a writable one moves it to layout 2
+    /// before writing records with the bit; an unknown layout is refused.
+    #[test]
+    fn a_layout_1_directory_is_read_and_upgraded_by_a_writable_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open_with(dir.path(), &config(64 << 20)).expect("open");
+            for i in 1..=3u8 {
+                put(&store, &format!("k{i}"), i, 1);
+            }
+        }
+        let segment = dir.path().join(&segments(dir.path())[0]);
+        let mut bytes = std::fs::read(&segment).expect("read");
+        as_layout_1(&mut bytes);
+        std::fs::write(&segment, &bytes).expect("write");
+        let marker = dir.path().join(MARKER_FILE);
+        std::fs::write(&marker, MARKER_TEXT_LAYOUT_1).expect("marker");
+        let read_only = StoreConfig {
+            create_if_missing: false,
+            ..config(64 << 20)
+        };
+        {
+            let store = Store::open_with(dir.path(), &read_only).expect("read-only");
+            assert_eq!(value(&store, "k3"), Some((3, 1)));
+        }
+        assert_eq!(
+            std::fs::read(&marker).expect("marker"),
+            MARKER_TEXT_LAYOUT_1
+        );
+        {
+            let store = Store::open_with(dir.path(), &config(64 << 20)).expect("writable");
+            assert_eq!(std::fs::read(&marker).expect("marker"), MARKER_TEXT);
+            put(&store, "k4", 4, 1);
+        }
+        let store = Store::open_with(dir.path(), &config(64 << 20)).expect("reopen");
+        for i in 1..=4u8 {
+            assert_eq!(value(&store, &format!("k{i}")), Some((i, 1)));
+        }
+        drop(store);
+        std::fs::write(&marker, b"raftkv write-ahead-log store, layout 3\n").expect("marker");
+        let error = Store::open_with(dir.path(), &config(64 << 20)).expect_err("layout 3");
+        assert!(
+            matches!(error, StorageError::NotRaftkvDirectory { ref reason, .. } if reason.contains("unknown layout")),
+            "{error}"
+        );
+    }
+
+    /// A creation interrupted after the first segment but before the
+    /// marker's rename counts as empty; a segment without the marker's
+    /// temporary file beside it is someone's data and is refused.
+    #[test]
+    fn an_interrupted_creation_is_created_again_but_a_lone_segment_is_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(MARKER_TMP_FILE), MARKER_TEXT).expect("marker tmp");
+        std::fs::write(dir.path().join(segment_name(1)), vec![0; 4096]).expect("segment");
+        std::fs::write(dir.path().join(SPARE_SEGMENT), vec![0; 4096]).expect("spare");
+        let store = Store::open_with(dir.path(), &config(1 << 20)).expect("open");
+        put(&store, "k", 1, 1);
+        drop(store);
+        assert!(!dir.path().join(MARKER_TMP_FILE).exists());
+        let store = Store::open_with(dir.path(), &config(1 << 20)).expect("reopen");
+        assert_eq!(value(&store, "k"), Some((1, 1)));
+        drop(store);
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(segment_name(1)), vec![1; 64]).expect("segment");
+        let error = Store::open_with(dir.path(), &config(1 << 20)).expect_err("not ours");
+        assert!(
+            matches!(error, StorageError::NotRaftkvDirectory { .. }),
+            "{error}"
+        );
+        assert!(dir.path().join(segment_name(1)).exists());
     }
 
     /// A crash while the marker was being written leaves a directory that a
