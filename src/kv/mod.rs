@@ -33,8 +33,9 @@ pub mod types;
 pub use clerk::{Clerk, ClerkConfig, ClerkConfigError, KvClient, KvRpc, NoReply};
 pub use lock::{FencingToken, Lock, LockConfig, LockError, LockGrant, LockRecord, OWNER_BYTES_MAX};
 pub use replicated::{
-    BATCH_BYTES_MAX, BATCH_COMMANDS_MAX, BATCH_FORMAT, KV_SNAPSHOT_FORMAT, KvLogCommand,
-    KvLogReply, KvStateMachine, RaftKvConfig, RaftKvError, RaftKvServer,
+    BATCH_BYTES_MAX, BATCH_COMMANDS_MAX, BATCH_FORMAT, KV_ENTRY_BYTES_MAX_DEFAULT,
+    KV_SNAPSHOT_FORMAT, KvLogCommand, KvLogReply, KvStateMachine, RaftKvConfig, RaftKvError,
+    RaftKvServer,
 };
 pub use rpc::{EndpointRpc, KV_REQUEST_KIND, KvResponse, ServerUnavailable};
 pub use server::{KvServer, KvServerConfig, KvServerError, KvServerStats};

@@ -239,10 +239,18 @@ pub struct RaftKvConfig {
     pub requests_inflight_max: usize,
 }
 
+/// Raft entry and append limit of [`RaftKvConfig::default`]: room for the
+/// largest command ([`COMMAND_BYTES_MAX`], a bit over 1 MiB) alone in an entry.
+pub const KV_ENTRY_BYTES_MAX_DEFAULT: u64 = 2 << 20;
+
 impl Default for RaftKvConfig {
     fn default() -> Self {
+        let mut rsm = RsmConfig::default();
+        let raft = &mut rsm.node.raft;
+        raft.entry_bytes_max = raft.entry_bytes_max.max(KV_ENTRY_BYTES_MAX_DEFAULT);
+        raft.append_bytes_max = raft.append_bytes_max.max(raft.entry_bytes_max);
         RaftKvConfig {
-            rsm: RsmConfig::default(),
+            rsm,
             requests_inflight_max: 8192,
         }
     }
@@ -260,6 +268,17 @@ pub enum RaftKvError {
     /// `requests_inflight_max` is zero.
     #[error("requests_inflight_max must be at least 1")]
     InflightZero,
+    /// The Raft entry limit cannot hold the largest command a client may
+    /// send: such puts would be refused as Busy forever.
+    #[error(
+        "the raft entry_bytes_max ({entry_bytes_max}) is below the largest kv command ({command_bytes_max} bytes)"
+    )]
+    EntryTooSmall {
+        /// The configured limit.
+        entry_bytes_max: u64,
+        /// [`COMMAND_BYTES_MAX`].
+        command_bytes_max: u64,
+    },
 }
 
 /// One replica of the replicated key/value service. Cheap to clone.
@@ -282,6 +301,13 @@ impl RaftKvServer {
     ) -> Result<RaftKvServer, RaftKvError> {
         if config.requests_inflight_max == 0 {
             return Err(RaftKvError::InflightZero);
+        }
+        let entry_bytes_max = config.rsm.node.raft.entry_bytes_max;
+        if entry_bytes_max < COMMAND_BYTES_MAX as u64 {
+            return Err(RaftKvError::EntryTooSmall {
+                entry_bytes_max,
+                command_bytes_max: COMMAND_BYTES_MAX as u64,
+            });
         }
         // The node owns the storage; the status RPC only holds a weak handle.
         let storage = Arc::new(storage);
@@ -572,6 +598,47 @@ mod tests {
         let value = server.rsm().read_local(|m| m.map().get("k0").cloned());
         assert_eq!(value.map(|v| v.version), Some(2));
         server.shutdown().await;
+    }
+
+    // The largest command a client may send (largest key and value) fits
+    // an entry under the default config, and is applied; a config whose
+    // entry limit could not hold it is refused at start, not Busy forever.
+    #[tokio::test(start_paused = true)]
+    async fn the_largest_command_fits_and_a_smaller_entry_limit_is_refused() {
+        use crate::kv::types::{KEY_BYTES_MAX, VALUE_BYTES_MAX};
+        let net = SimNetwork::new(SimConfig::new(9));
+        let disk = MemDisk::new();
+        let server = start(&net, &disk, 1, &[1]);
+        let clerk = Clerk::new(
+            EndpointRpc::new(net.add_client(), Duration::from_secs(5)),
+            vec![1],
+            ClerkConfig::default(),
+        )
+        .unwrap();
+        let key = "k".repeat(KEY_BYTES_MAX);
+        let value = Bytes::from(vec![7u8; VALUE_BYTES_MAX]);
+        assert!(put(&key, "", 0).encode().len() + VALUE_BYTES_MAX > 1 << 20);
+        clerk
+            .put(&key, value.clone(), 0)
+            .await
+            .expect("the largest put");
+        let stored = clerk.get(&key).await.expect("get");
+        assert_eq!((stored.value, stored.version), (value, 1));
+        server.shutdown().await;
+        let mut config = RaftKvConfig::default();
+        config.rsm.node.raft.entry_bytes_max = 1 << 20;
+        let error = RaftKvServer::start(
+            2,
+            &[2],
+            config,
+            MemStore::open(&MemDisk::new()).unwrap(),
+            net.add_node(2).unwrap(),
+        )
+        .expect_err("an entry limit under the largest command");
+        assert!(
+            matches!(error, RaftKvError::EntryTooSmall { entry_bytes_max, .. } if entry_bytes_max == 1 << 20),
+            "{error}"
+        );
     }
 
     // The snapshot round-trips the map, is byte-identical for equal maps,

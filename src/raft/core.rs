@@ -690,6 +690,12 @@ impl RaftCore {
             kind,
             reason,
         };
+        if largest_number(m) >= TERM_INDEX_MAX {
+            return Err(malformed(
+                "any",
+                "a term or index beyond any a cluster reaches",
+            ));
+        }
         match &m.body {
             MessageBody::PreVote { last_log_term, .. }
             | MessageBody::Vote { last_log_term, .. }
@@ -1497,6 +1503,59 @@ impl RaftCore {
 
 /// Checks that a persisted state is internally consistent (storage corruption
 /// or a driver bug must not silently become a Raft safety violation).
+/// Terms and log indexes from here on are refused in messages: no cluster
+/// gets near them (2^62 elections or entries), and the arithmetic on them
+/// (`term + 1`, `index + 1`) must never wrap, whatever a peer sends.
+pub const TERM_INDEX_MAX: u64 = 1 << 62;
+
+/// The largest term or log index a message carries (its entries' indexes
+/// through the last one's; their terms are checked against the message's).
+fn largest_number(m: &Message) -> u64 {
+    let body = match &m.body {
+        MessageBody::PreVote {
+            last_log_index,
+            last_log_term,
+        }
+        | MessageBody::Vote {
+            last_log_index,
+            last_log_term,
+            ..
+        } => (*last_log_index).max(*last_log_term),
+        MessageBody::Append {
+            prev_log_index,
+            prev_log_term,
+            entries,
+            leader_commit,
+        } => prev_log_index
+            .saturating_add(entries.len() as u64)
+            .max(*prev_log_term)
+            .max(*leader_commit),
+        MessageBody::AppendResponse { outcome } => match outcome {
+            AppendOutcome::Success { match_index } => *match_index,
+            AppendOutcome::Conflict {
+                rejected_index,
+                conflict_index,
+                conflict_term,
+            } => (*rejected_index)
+                .max(*conflict_index)
+                .max(conflict_term.unwrap_or(0)),
+        },
+        MessageBody::Heartbeat { leader_commit, .. } => *leader_commit,
+        MessageBody::InstallSnapshot { meta, .. } => {
+            meta.last_included_index.max(meta.last_included_term)
+        }
+        MessageBody::InstallSnapshotResponse {
+            last_included_index,
+            ..
+        } => *last_included_index,
+        MessageBody::PreVoteResponse { .. }
+        | MessageBody::VoteResponse { .. }
+        | MessageBody::HeartbeatResponse { .. }
+        | MessageBody::TimeoutNow => 0,
+    };
+    body.max(m.term)
+}
+
 fn validate_persisted(persisted: &PersistedState, voters: &[NodeId]) -> Result<(), NewError> {
     let bad = |reason: String| Err(NewError::PersistedState { reason });
     let hard_state = persisted.hard_state;

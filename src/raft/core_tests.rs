@@ -1475,6 +1475,68 @@ fn malformed_messages_are_rejected() {
         assert!(!n.has_ready());
     }
     assert_eq!(before, (n.term(), n.last_index(), n.commit_index()));
+    // Terms and indexes no cluster reaches: `term + 1` at u64::MAX would wrap
+    // to 0 and wedge every node that took the term.
+    let huge = [
+        msg(
+            1,
+            2,
+            u64::MAX,
+            MessageBody::Heartbeat {
+                leader_commit: 0,
+                read_round: 0,
+            },
+        ),
+        msg(
+            1,
+            2,
+            TERM_INDEX_MAX,
+            MessageBody::Vote {
+                last_log_index: 1,
+                last_log_term: 1,
+                leadership_transfer: false,
+            },
+        ),
+        msg(1, 2, 2, append((TERM_INDEX_MAX, 1), vec![], 0)),
+        msg(1, 2, 2, append((1, 1), vec![], u64::MAX)),
+        msg(
+            1,
+            2,
+            2,
+            MessageBody::InstallSnapshot {
+                meta: SnapshotMeta {
+                    last_included_index: u64::MAX,
+                    last_included_term: 1,
+                },
+                total_bytes: 1,
+                offset: 0,
+                data: Bytes::from_static(b"x"),
+                done: true,
+            },
+        ),
+    ];
+    for m in huge {
+        assert!(
+            matches!(n.step(m.clone()), Err(StepError::Malformed { reason, .. }) if reason.contains("beyond")),
+            "accepted {m:?}"
+        );
+        assert!(!n.has_ready());
+    }
+    assert_eq!(before, (n.term(), n.last_index(), n.commit_index()));
+    // Just below the bound is a term like any other.
+    let mut high = core_with(2, &[1, 2, 3], config(), persisted(1, None, log(&[1])));
+    let term = TERM_INDEX_MAX - 1;
+    high.step(msg(
+        1,
+        2,
+        term,
+        MessageBody::Heartbeat {
+            leader_commit: 0,
+            read_round: 0,
+        },
+    ))
+    .expect("a high term");
+    assert_eq!(high.term(), term);
     // A leader refuses responses about indexes it never sent.
     let mut leader = core_with(1, &[1, 2, 3], config(), persisted(1, None, log(&[1])));
     elect(&mut leader, &[1, 2, 3]);

@@ -66,7 +66,7 @@ mod types;
 mod core_tests;
 
 pub use config::{Config, ConfigError};
-pub use core::{PersistToken, RaftCore, Role};
+pub use core::{PersistToken, RaftCore, Role, TERM_INDEX_MAX};
 pub use driver::{
     Apply, CommittedEntry, Metrics, NodeConfig, NodeConfigError, NodeError, RaftEnvelope, RaftNode,
     StartError, Status, StopReason,
