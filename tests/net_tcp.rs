@@ -163,6 +163,76 @@ async fn garbage_is_refused_at_the_handshake() {
     assert_still_serves(address).await;
 }
 
+/// A cluster member (node `id`) whose only peer is the server at `address`.
+async fn member_of(address: SocketAddr, id: NodeId) -> Endpoint {
+    let mut config = TcpConfig::member(CLUSTER_ID, id, "127.0.0.1:0".parse().expect("address"));
+    config.peers.insert(1, address);
+    TcpTransport::start(config)
+        .await
+        .expect("member starts")
+        .endpoint()
+}
+
+// Proves clients holding every client slot lock neither the node up nor the cluster's members out: members have slots of their own, and a client beyond the limit is closed after its handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_filling_their_slots_cannot_crowd_members_out() {
+    let (server, _endpoint, address) = server_with(|mut config| {
+        config.inbound_connections_max = 3;
+        config
+    })
+    .await;
+    let mut held = Vec::new();
+    for id in 0..3 {
+        held.push(handshaken(address, 600 + id).await);
+    }
+    let mut extra = handshaken(address, 700).await;
+    read_until_closed(&mut extra).await;
+    assert_eq!(server.stats().handshakes_refused, 1, "the fourth client");
+    let member = member_of(address, 2).await;
+    let reply = member
+        .call(
+            1,
+            &Echo {
+                seq: 7,
+                body: vec![1; 64],
+            },
+        )
+        .await
+        .expect("a member still gets in");
+    assert_eq!(reply.seq, 7);
+    drop(held);
+}
+
+// Proves a client's frames are bounded by client_frame_bytes_max, a member's by frame_bytes_max: a client cannot make the node reserve a member-sized frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_frames_have_their_own_smaller_limit() {
+    let (server, _endpoint, address) = server_with(|mut config| {
+        config.client_frame_bytes_max = 1024;
+        config
+    })
+    .await;
+    let mut stream = handshaken(address, 600).await;
+    stream
+        .write_all(&2048u32.to_be_bytes())
+        .await
+        .expect("write");
+    read_until_closed(&mut stream).await;
+    assert_eq!(server.stats().connections_closed_bad_input, 1);
+    let member = member_of(address, 2).await;
+    let reply = member
+        .call(
+            1,
+            &Echo {
+                seq: 8,
+                body: vec![2; 4096],
+            },
+        )
+        .await
+        .expect("a member's larger frame");
+    assert_eq!((reply.seq, reply.body.len()), (8, 4096));
+    assert_eq!(server.stats().connections_closed_bad_input, 1);
+}
+
 // Proves oversized length prefixes close the connection, before and after the handshake, without reserving the claimed size.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_length_prefix_closes_the_connection() {

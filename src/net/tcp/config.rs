@@ -24,6 +24,13 @@ pub struct TcpConfig {
     /// incoming frame closes its connection; a larger outgoing message fails
     /// with [`NetError::TooLarge`].
     pub frame_bytes_max: usize,
+    /// Largest frame accepted from a client ([`Role::Client`](crate::net::wire::Role)
+    /// in its hello) after the handshake (or `frame_bytes_max`, if that is
+    /// smaller). A reader
+    /// reserves a frame's length as soon as its prefix arrives, so this bounds
+    /// what each client connection can pin. Default 2 MiB: a client's
+    /// requests are small (a key/value command is at most about 1 MiB).
+    pub client_frame_bytes_max: usize,
     /// Frames waiting to be written to one peer (and replies waiting on one
     /// inbound connection). When full, one-way messages are dropped and calls
     /// fail at once with [`NetError::QueueFull`].
@@ -38,8 +45,14 @@ pub struct TcpConfig {
     /// Requests of one inbound connection being handled at once; beyond it
     /// the connection is not read until one finishes (back-pressure).
     pub inbound_calls_per_connection_max: usize,
-    /// Inbound connections open at once; more are closed on accept.
+    /// Inbound connections of clients open at once, and, separately,
+    /// connections still in their handshake; more are closed. Members'
+    /// connections count against [`member_connections_max`](Self::member_connections_max)
+    /// instead, so clients cannot crowd the cluster's own links out.
     pub inbound_connections_max: usize,
+    /// Inbound connections of cluster members ([`Role::Member`](crate::net::wire::Role)
+    /// in their hello) open at once; more are closed. Default 64.
+    pub member_connections_max: usize,
     /// Time allowed to open a TCP connection.
     pub connect_timeout: Duration,
     /// Time allowed for the handshake, either side (defeats slow-loris peers).
@@ -99,10 +112,12 @@ impl TcpConfig {
             listen_address: None,
             peers: BTreeMap::new(),
             frame_bytes_max: 16 * 1024 * 1024,
+            client_frame_bytes_max: 2 * 1024 * 1024,
             outbound_queue_frames_max: 1024,
             write_buffer_bytes: 64 * 1024,
             inbound_calls_per_connection_max: 256,
             inbound_connections_max: 1024,
+            member_connections_max: 64,
             connect_timeout: Duration::from_secs(2),
             handshake_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(5),
@@ -123,6 +138,9 @@ impl TcpConfig {
         if self.frame_bytes_max > u32::MAX as usize {
             return fail("frame_bytes_max does not fit the u32 length prefix");
         }
+        if self.client_frame_bytes_max < crate::net::wire::HANDSHAKE_FRAME_BYTES_MAX {
+            return fail("client_frame_bytes_max is smaller than a handshake");
+        }
         if self.write_buffer_bytes == 0 || self.write_buffer_bytes > 16 * 1024 * 1024 {
             return fail("write_buffer_bytes must be between 1 and 16 MiB");
         }
@@ -132,8 +150,8 @@ impl TcpConfig {
         if self.inbound_calls_per_connection_max == 0 {
             return fail("inbound_calls_per_connection_max must be at least 1");
         }
-        if self.inbound_connections_max == 0 {
-            return fail("inbound_connections_max must be at least 1");
+        if self.inbound_connections_max == 0 || self.member_connections_max == 0 {
+            return fail("inbound_connections_max and member_connections_max must be at least 1");
         }
         if self.reconnect_backoff_min.is_zero()
             || self.reconnect_backoff_min > self.reconnect_backoff_max

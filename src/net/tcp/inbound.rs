@@ -15,14 +15,40 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use crate::NodeId;
 use crate::net::tcp::transport::{Counters, Inner};
 use crate::net::wire::{
-    self, Frame, FrameType, HANDSHAKE_FRAME_BYTES_MAX, Hello, HelloReply, RefuseReason, WireError,
+    self, Frame, FrameType, HANDSHAKE_FRAME_BYTES_MAX, Hello, HelloReply, RefuseReason, Role,
+    WireError,
 };
 use crate::net::{Kind, PROTOCOL_VERSION, RemoteFault};
+
+/// Logs a warning about an inbound connection unless this second's share
+/// ([`INBOUND_WARNINGS_PER_SECOND`](super::transport::INBOUND_WARNINGS_PER_SECOND))
+/// is used up.
+macro_rules! warn_limited {
+    ($inner:expr, $($arg:tt)*) => {
+        if $inner.inbound_warnings.allow($inner.config.node_id) {
+            tracing::warn!($($arg)*);
+        }
+    };
+}
+
+/// The inbound connection limits: connections in their handshake, then
+/// clients' and members' connections apart (so a flood of clients cannot
+/// lock the cluster's own links out).
+struct Slots {
+    handshakes: Arc<Semaphore>,
+    clients: Arc<Semaphore>,
+    members: Arc<Semaphore>,
+}
 
 /// Accepts connections until shutdown; dropping the listener on exit closes
 /// the port.
 pub(super) async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
-    let connections = Arc::new(Semaphore::new(inner.config.inbound_connections_max));
+    let config = &inner.config;
+    let slots = Arc::new(Slots {
+        handshakes: Arc::new(Semaphore::new(config.inbound_connections_max)),
+        clients: Arc::new(Semaphore::new(config.inbound_connections_max)),
+        members: Arc::new(Semaphore::new(config.member_connections_max)),
+    });
     loop {
         let accepted = tokio::select! {
             biased;
@@ -39,10 +65,16 @@ pub(super) async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
                     () = tokio::time::sleep(inner.config.reconnect_backoff_min) => {}
                 }
             }
-            Ok((stream, address)) => match connections.clone().try_acquire_owned() {
-                Ok(permit) => inner.spawn(serve_inbound(inner.clone(), stream, address, permit)),
+            Ok((stream, address)) => match slots.handshakes.clone().try_acquire_owned() {
+                Ok(permit) => inner.spawn(serve_inbound(
+                    inner.clone(),
+                    stream,
+                    address,
+                    slots.clone(),
+                    permit,
+                )),
                 Err(_) => {
-                    tracing::warn!(node = inner.config.node_id, %address, "too many inbound connections; closing");
+                    warn_limited!(inner, node = inner.config.node_id, %address, "too many connections in their handshake; closing");
                     Counters::bump(&inner.counters.handshakes_refused);
                 }
             },
@@ -68,7 +100,7 @@ async fn handshake(
             return None;
         }
         Some(Err(error)) => {
-            tracing::warn!(node, %address, %error, "bad handshake frame; closing");
+            warn_limited!(inner, node, %address, %error, "bad handshake frame; closing");
             return None;
         }
         Some(Ok(bytes)) => bytes,
@@ -83,7 +115,8 @@ async fn handshake(
             return Some(hello);
         }
         Ok(hello) => {
-            tracing::warn!(
+            warn_limited!(
+                inner,
                 node, %address, peer = hello.node_id, cluster = hello.cluster_id,
                 "refusing a peer of another cluster"
             );
@@ -92,13 +125,13 @@ async fn handshake(
             }
         }
         Err(WireError::ProtocolVersion { got }) => {
-            tracing::warn!(node, %address, version = got, "refusing a peer of another protocol version");
+            warn_limited!(inner, node, %address, version = got, "refusing a peer of another protocol version");
             RefuseReason::WrongProtocolVersion {
                 supported: PROTOCOL_VERSION,
             }
         }
         Err(error) => {
-            tracing::warn!(node, %address, %error, "bad hello; closing");
+            warn_limited!(inner, node, %address, %error, "bad hello; closing");
             return None;
         }
     };
@@ -138,7 +171,8 @@ async fn serve_inbound(
     inner: Arc<Inner>,
     stream: TcpStream,
     address: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    slots: Arc<Slots>,
+    handshake_slot: OwnedSemaphorePermit,
 ) {
     let config = &inner.config;
     let node = config.node_id;
@@ -158,14 +192,25 @@ async fn serve_inbound(
             return;
         }
         Err(_) => {
-            tracing::warn!(node, %address, "handshake timed out; closing");
+            warn_limited!(inner, node, %address, "handshake timed out; closing");
             Counters::bump(&inner.counters.handshakes_refused);
             return;
         }
     };
-    reader
-        .decoder_mut()
-        .set_max_frame_length(config.frame_bytes_max);
+    let (pool, frame_bytes_max) = match role {
+        Role::Member => (&slots.members, config.frame_bytes_max),
+        Role::Client => (
+            &slots.clients,
+            config.client_frame_bytes_max.min(config.frame_bytes_max),
+        ),
+    };
+    let Ok(_slot) = pool.clone().try_acquire_owned() else {
+        warn_limited!(inner, node, peer, ?role, %address, "too many inbound connections of this role; closing");
+        Counters::bump(&inner.counters.handshakes_refused);
+        return;
+    };
+    drop(handshake_slot);
+    reader.decoder_mut().set_max_frame_length(frame_bytes_max);
     tracing::debug!(node, peer, ?role, %address, "accepted a connection");
 
     // The calls being served, polled by this task: a call costs no task of
@@ -231,7 +276,7 @@ async fn serve_inbound(
     match ended {
         Ended::Closed => tracing::debug!(node, peer, %address, "peer closed the connection"),
         Ended::BadInput(error) => {
-            tracing::warn!(node, peer, %address, %error, "closing the connection");
+            warn_limited!(inner, node, peer, %address, %error, "closing the connection");
             Counters::bump(&inner.counters.connections_closed_bad_input);
         }
         Ended::Write(error) => tracing::debug!(node, peer, %address, %error, "connection ended"),

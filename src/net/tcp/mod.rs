@@ -19,7 +19,8 @@
 //!   [`NetError::Unreachable`] and one-way messages are dropped; reconnect
 //!   attempts back off exponentially from `reconnect_backoff_min` to
 //!   `reconnect_backoff_max`;
-//! - frame size (`frame_bytes_max`, default 16 MiB; 256 bytes during the
+//! - frame size (`frame_bytes_max`, default 16 MiB; `client_frame_bytes_max`,
+//!   default 2 MiB, from a client; 256 bytes during the
 //!   handshake): a larger incoming frame, garbage, a truncated frame or a
 //!   protocol violation closes that connection with a logged warning; the
 //!   node keeps serving every other connection;
@@ -28,7 +29,10 @@
 //!   refused and logged;
 //! - requests handled at once per inbound connection
 //!   (`inbound_calls_per_connection_max`): beyond it the connection is not
-//!   read until one finishes; inbound connections (`inbound_connections_max`).
+//!   read until one finishes; inbound connections: `inbound_connections_max`
+//!   in their handshake and as many clients, `member_connections_max`
+//!   members apart, so a flood of clients cannot lock the cluster's own links
+//!   out. Warnings about inbound connections are rate-limited.
 //!
 //! Optional busy polling ([`TcpConfig::busy_poll`], [`BusyPoll`]) keeps the
 //! runtime thread polling its sockets for a window after every frame instead
@@ -76,6 +80,22 @@ mod tests {
     use futures::SinkExt;
 
     use super::*;
+
+    // A flood of bad connections logs at most a second's share of warnings;
+    // the rest are only counted.
+    #[test]
+    fn inbound_warnings_are_rate_limited() {
+        let started = std::time::Instant::now();
+        let limiter = transport::WarnLimiter::default();
+        let allowed = (0..1000).filter(|_| limiter.allow(1)).count();
+        // One second's share per second begun (a slow machine may span two).
+        let share = transport::INBOUND_WARNINGS_PER_SECOND as usize;
+        let seconds = started.elapsed().as_secs() as usize + 1;
+        assert!(
+            allowed >= share && allowed <= share * seconds,
+            "{allowed} warnings in {seconds} s"
+        );
+    }
 
     /// Takes every write whole and counts them.
     #[derive(Default)]

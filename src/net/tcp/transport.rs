@@ -68,10 +68,56 @@ pub(super) struct Inner {
     pub(super) busy_poll: Option<BusyPoll>,
     /// The idle poller, when configured: told of every frame received.
     pub(super) idle_poll: Option<IdlePoll>,
+    /// Bounds the warnings about inbound connections (bad input, full).
+    pub(super) inbound_warnings: WarnLimiter,
     addresses: Mutex<HashMap<NodeId, SocketAddr>>,
     links: Mutex<HashMap<NodeId, Arc<PeerLink>>>,
     next_call_id: AtomicU64,
     local_address: Option<SocketAddr>,
+}
+
+/// Warnings about inbound connections logged per second at most; the rest
+/// are counted and reported in one line when the next second's first one
+/// comes (a flood of garbage connections must not flood the log).
+pub(super) const INBOUND_WARNINGS_PER_SECOND: u32 = 10;
+
+/// Rate limit of the inbound warnings ([`INBOUND_WARNINGS_PER_SECOND`]).
+#[derive(Debug)]
+pub(super) struct WarnLimiter {
+    /// Start of the current second, warnings logged and suppressed in it.
+    state: Mutex<(std::time::Instant, u32, u64)>,
+}
+
+impl Default for WarnLimiter {
+    fn default() -> Self {
+        WarnLimiter {
+            state: Mutex::new((std::time::Instant::now(), 0, 0)),
+        }
+    }
+}
+
+impl WarnLimiter {
+    /// Whether one more warning may be logged now (else it is counted).
+    pub(super) fn allow(&self, node: NodeId) -> bool {
+        let mut state = lock(&self.state);
+        if state.0.elapsed() >= std::time::Duration::from_secs(1) {
+            if state.2 > 0 {
+                tracing::warn!(
+                    node,
+                    suppressed = state.2,
+                    "more inbound connection warnings were suppressed"
+                );
+            }
+            *state = (std::time::Instant::now(), 0, 0);
+        }
+        if state.1 < INBOUND_WARNINGS_PER_SECOND {
+            state.1 += 1;
+            true
+        } else {
+            state.2 += 1;
+            false
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -263,6 +309,7 @@ impl TcpTransport {
             counters: Counters::default(),
             busy_poll: config_busy_poll.map(BusyPoll::new),
             idle_poll: config_idle_poll.map(IdlePoll::new),
+            inbound_warnings: WarnLimiter::default(),
             links: Mutex::new(HashMap::new()),
             next_call_id: AtomicU64::new(1),
             local_address,
