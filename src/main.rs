@@ -184,17 +184,34 @@ struct MrWorkerArgs {
 }
 
 fn main() -> ExitCode {
-    // Warnings (slow storage commits, lost connections, refused messages)
-    // show by default; RUST_LOG overrides.
+    let cli = Cli::parse();
+    // A node's warnings (slow storage commits, lost connections, refused
+    // messages) show by default. A client command reports its own outcome
+    // (an error line, ErrMaybe, error counts), so the transport's warnings
+    // about servers it cannot reach would only clutter it: errors only.
+    // RUST_LOG overrides both.
+    let client = matches!(
+        cli.command,
+        Command::Put(_)
+            | Command::Get(_)
+            | Command::Lock { .. }
+            | Command::Status(_)
+            | Command::Bench(_)
+            | Command::Demo(_)
+    );
+    let level = if client {
+        tracing_subscriber::filter::LevelFilter::ERROR
+    } else {
+        tracing_subscriber::filter::LevelFilter::WARN
+    };
     let filter = tracing_subscriber::EnvFilter::builder()
-        .with_default_directive(tracing_subscriber::filter::LevelFilter::WARN.into())
+        .with_default_directive(level.into())
         .from_env_lossy();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect { dir, json, entries } => {
             inspect(&dir, json, entries).map(|()| ExitCode::SUCCESS)

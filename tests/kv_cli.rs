@@ -215,6 +215,8 @@ fn usage_errors_and_failures() {
         "{}",
         stderr(&output)
     );
+    // Just that line: the transport's reconnect warnings are not a client's.
+    assert_eq!(stderr(&output).lines().count(), 1, "{}", stderr(&output));
     let output = raftkv(&[
         "put",
         "--servers",
