@@ -93,3 +93,30 @@ fn wrong_magic_is_reported_as_such() {
     bytes[0] ^= 0xff;
     assert_eq!(Hello::decode(&bytes), Err(wire::WireError::BadMagic));
 }
+
+// A hello, a hello reply or a message followed by stray bytes is refused: a
+// message is one value, and bytes after it mean a peer encoding something
+// else (before, they were silently ignored).
+#[test]
+fn trailing_bytes_after_a_hello_or_a_message_are_refused() {
+    let hello = Hello::new(7, 2, Role::Client).encode();
+    assert_eq!(Hello::decode(&hello).expect("exact").node_id, 2);
+    let mut longer = hello.to_vec();
+    longer.push(0);
+    assert!(Hello::decode(&longer).is_err());
+    let reply = HelloReply::new(7, 1, None).encode();
+    assert!(HelloReply::decode(&reply).is_ok());
+    let mut longer = reply.to_vec();
+    longer.extend_from_slice(b"junk");
+    assert!(HelloReply::decode(&longer).is_err());
+    let value: (u64, String) = (5, "five".into());
+    let bytes = postcard::to_allocvec(&value).expect("encode");
+    assert_eq!(wire::decode_exact::<(u64, String)>(&bytes), Ok(value));
+    let mut longer = bytes.clone();
+    longer.push(1);
+    assert_eq!(
+        wire::decode_exact::<(u64, String)>(&longer),
+        Err("1 trailing bytes".to_owned())
+    );
+    assert!(wire::decode_exact::<(u64, String)>(&bytes[..bytes.len() - 1]).is_err());
+}

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 
 use crate::NodeId;
 use crate::net::transport::{MessageRole, RawHandler, RawInbox, Transport};
-use crate::net::{Kind, NetError, RemoteFault};
+use crate::net::{Kind, NetError, RemoteFault, wire};
 
 /// A request type: sent with [`Endpoint::call`], answered with a
 /// [`Rpc::Reply`] by the handler registered with [`Endpoint::register`].
@@ -151,10 +151,10 @@ impl Endpoint {
             .map(|payload| self.transport.call(to, R::KIND, payload, timeout));
         async move {
             let reply = sent?.await?;
-            postcard::from_bytes::<R::Reply>(&reply).map_err(|error| NetError::Decode {
+            wire::decode_exact::<R::Reply>(&reply).map_err(|message| NetError::Decode {
                 kind: R::KIND,
                 from: to,
-                message: error.to_string(),
+                message,
             })
         }
     }
@@ -179,7 +179,7 @@ impl Endpoint {
     {
         let raw: RawHandler =
             Arc::new(
-                move |from, payload: Bytes| match postcard::from_bytes::<R>(&payload) {
+                move |from, payload: Bytes| match wire::decode_exact::<R>(&payload) {
                     Ok(request) => {
                         let reply = handler(from, request);
                         Box::pin(async move {
@@ -228,7 +228,7 @@ pub struct Inbox<M> {
 
 impl<M: Message> Inbox<M> {
     fn decode(from: NodeId, payload: &[u8]) -> Option<M> {
-        match postcard::from_bytes::<M>(payload) {
+        match wire::decode_exact::<M>(payload) {
             Ok(message) => Some(message),
             Err(error) => {
                 tracing::warn!(from, kind = %M::KIND, %error, "undecodable one-way message dropped");

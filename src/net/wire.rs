@@ -133,10 +133,19 @@ fn check_prefix(bytes: &[u8]) -> Result<(), WireError> {
     Ok(())
 }
 
-fn malformed(what: &'static str) -> impl FnOnce(postcard::Error) -> WireError {
-    move |error| WireError::Malformed {
-        what,
-        message: error.to_string(),
+fn malformed(what: &'static str) -> impl FnOnce(String) -> WireError {
+    move |message| WireError::Malformed { what, message }
+}
+
+/// Decodes exactly one `T` from `bytes` (postcard): trailing bytes are an
+/// error, as are bytes that do not decode. A message is one value; bytes
+/// after it mean a peer that encodes something else.
+pub fn decode_exact<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, String> {
+    let (value, rest) = postcard::take_from_bytes(bytes).map_err(|error| error.to_string())?;
+    if rest.is_empty() {
+        Ok(value)
+    } else {
+        Err(format!("{} trailing bytes", rest.len()))
     }
 }
 
@@ -165,7 +174,7 @@ impl Hello {
     /// Decodes a hello; checks the magic and the protocol version first.
     pub fn decode(bytes: &[u8]) -> Result<Hello, WireError> {
         check_prefix(bytes)?;
-        postcard::from_bytes(bytes).map_err(malformed("hello"))
+        decode_exact(bytes).map_err(malformed("hello"))
     }
 }
 
@@ -189,7 +198,7 @@ impl HelloReply {
     /// Decodes a reply; checks the magic and the protocol version first.
     pub fn decode(bytes: &[u8]) -> Result<HelloReply, WireError> {
         check_prefix(bytes)?;
-        postcard::from_bytes(bytes).map_err(malformed("hello reply"))
+        decode_exact(bytes).map_err(malformed("hello reply"))
     }
 }
 
@@ -250,8 +259,8 @@ impl Frame {
     /// Decodes a frame (without its length prefix); the payload shares
     /// `bytes`' buffer.
     pub fn decode(bytes: Bytes) -> Result<Frame, WireError> {
-        let (header, rest) =
-            postcard::take_from_bytes::<FrameHeader>(&bytes).map_err(malformed("frame header"))?;
+        let (header, rest) = postcard::take_from_bytes::<FrameHeader>(&bytes)
+            .map_err(|error| malformed("frame header")(error.to_string()))?;
         if header.protocol_version != PROTOCOL_VERSION {
             return Err(WireError::ProtocolVersion {
                 got: header.protocol_version,
