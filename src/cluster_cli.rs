@@ -265,7 +265,15 @@ pub fn server(args: ServerArgs) -> anyhow::Result<ExitCode> {
 /// own state in the Raft log and snapshots, never in KV namespaces).
 pub const NODE_IDENTITY_NAMESPACE: StateMachineId = u64::MAX;
 /// Key of the identity record.
-const NODE_IDENTITY_KEY: &str = "node";
+pub const NODE_IDENTITY_KEY: &str = "node";
+
+/// The identity a cluster node's data directory records, if any (see
+/// [`NODE_IDENTITY_NAMESPACE`]).
+pub fn recorded_identity(store: &Store) -> anyhow::Result<Option<String>> {
+    Ok(store
+        .kv_get(NODE_IDENTITY_NAMESPACE, NODE_IDENTITY_KEY.as_bytes())?
+        .map(|recorded| String::from_utf8_lossy(&recorded.value).into_owned()))
+}
 
 /// What a data directory records about the node it belongs to: the cluster
 /// id, the node id and the voters (addresses may change, these may not).

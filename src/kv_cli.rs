@@ -204,6 +204,17 @@ pub fn kvsrv(args: KvsrvArgs) -> anyhow::Result<ExitCode> {
         let listen = resolve(&args.listen).await?;
         let store = Store::open(&args.data_dir)
             .with_context(|| format!("cannot open {}", args.data_dir.display()))?;
+        // A replicated node's directory keeps its map in the Raft log and
+        // snapshots: served here it would look empty, and writes would fork it.
+        if let Some(identity) = crate::cluster_cli::recorded_identity(&store)
+            .with_context(|| format!("cannot read {}", args.data_dir.display()))?
+        {
+            anyhow::bail!(
+                "data directory {} belongs to {identity} of a replicated cluster: \
+                 run it with raftkv server, not kvsrv",
+                args.data_dir.display()
+            );
+        }
         let config = TcpConfig::member(cluster_id(&args.cluster_id), KVSRV_NODE_ID, listen);
         let transport = TcpTransport::start(config).await?;
         let server = KvServer::start(&transport.endpoint(), store, KvServerConfig::default())?;

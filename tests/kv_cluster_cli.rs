@@ -1132,6 +1132,20 @@ fn restart_of_every_node_resumes_values_and_versions() {
         let recorded = format!("belongs to cluster \"restart\" node {directory_of} voters 1,2,3");
         assert!(err.contains(&recorded), "{err}");
     }
+    // Nor as a single-node kvsrv: its map is in the Raft log, not served there.
+    let output = raftkv(&[
+        "kvsrv",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        cluster.data_dir(1).to_str().expect("utf-8 path"),
+    ]);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("node 1 voters 1,2,3 of a replicated cluster: run it with raftkv server"),
+        "{err}"
+    );
     cluster.start_all();
     let (code, out) = client(&["get", "color", "--json"]);
     assert_eq!(

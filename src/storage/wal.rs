@@ -158,6 +158,17 @@ pub(crate) fn is_wal_file(name: &str) -> bool {
         || parse_numbered(name, "image-", ".img").is_some()
 }
 
+/// An I/O error on `path`, naming it ("Is a directory" alone does not say
+/// which file).
+fn at(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
+    move |error| {
+        StorageError::Io(std::io::Error::new(
+            error.kind(),
+            format!("{}: {error}", path.display()),
+        ))
+    }
+}
+
 fn corrupt(file: &str, detail: impl Into<String>) -> StorageError {
     StorageError::Corruption {
         record: format!("write-ahead log file {file}"),
@@ -282,16 +293,19 @@ fn preallocate(file: &File, len: u64, bytes: u64) -> Result<(), StorageError> {
 /// ran here with it, so none runs now): `None`.
 fn lock_directory(dir: &Path, timeout_ms: u64, create: bool) -> Result<Option<File>, StorageError> {
     use std::os::fd::AsRawFd;
+    // Read-only when the open is (`flock` needs no write access), so a copy
+    // the user cannot write can still be inspected.
+    let path = dir.join(LOCK_FILE);
     let file = match OpenOptions::new()
         .read(true)
-        .write(true)
+        .write(create)
         .create(create)
         .truncate(false)
-        .open(dir.join(LOCK_FILE))
+        .open(&path)
     {
         Ok(file) => file,
         Err(error) if !create && error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(error) => return Err(error.into()),
+        Err(error) => return Err(at(&path)(error)),
     };
     let deadline = Instant::now() + Duration::from_millis(timeout_ms);
     loop {
@@ -542,7 +556,8 @@ fn write_image_to(
 /// Reads `image-<seq>.img` into a fresh disk.
 fn read_image(dir: &Path, seq: u64) -> Result<MemDisk, StorageError> {
     let name = image_name(seq);
-    let bytes = std::fs::read(dir.join(&name))?;
+    let path = dir.join(&name);
+    let bytes = std::fs::read(&path).map_err(at(&path))?;
     let fixed = IMAGE_MAGIC.len() + 16;
     if bytes.len() < fixed + 4 || &bytes[..IMAGE_MAGIC.len()] != IMAGE_MAGIC {
         return Err(corrupt(&name, "not an image file (bad magic or too short)"));
@@ -689,7 +704,8 @@ impl WalBackend {
             std::fs::rename(&tmp, dir.join(MARKER_FILE))?;
             sync_directory(dir)?;
         }
-        let marker = std::fs::read(dir.join(MARKER_FILE))?;
+        let marker_path = dir.join(MARKER_FILE);
+        let marker = std::fs::read(&marker_path).map_err(at(&marker_path))?;
         if marker != MARKER_TEXT && marker != MARKER_TEXT_LAYOUT_1 {
             return Err(StorageError::NotRaftkvDirectory {
                 path: dir.to_path_buf(),
@@ -969,7 +985,8 @@ fn replay(dir: &Path, repair: bool) -> Result<Replayed, StorageError> {
                 format!("starts at record {start}, but the log before it ends at {next_seq}"),
             ));
         }
-        let bytes = std::fs::read(dir.join(&name))?;
+        let path = dir.join(&name);
+        let bytes = std::fs::read(&path).map_err(at(&path))?;
         let newest = i + 1 == segments.len();
         let mut at = 0;
         loop {
@@ -2012,6 +2029,25 @@ mod tests {
             "{error}"
         );
         assert!(dir.path().join(segment_name(1)).exists());
+    }
+
+    /// An I/O error on one of the store's files names the file.
+    #[test]
+    fn an_io_error_names_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open_with(dir.path(), &config(64 << 20)).expect("open");
+            put(&store, "k", 1, 1);
+        }
+        let segment = dir.path().join(&segments(dir.path())[0]);
+        std::fs::remove_file(&segment).expect("remove");
+        std::fs::create_dir(&segment).expect("a directory in its place");
+        let error = Store::open_with(dir.path(), &config(64 << 20)).expect_err("a directory");
+        let text = error.to_string();
+        assert!(
+            matches!(error, StorageError::Io(_)) && text.contains(&segments(dir.path())[0]),
+            "{text}"
+        );
     }
 
     /// A crash while the marker was being written leaves a directory that a
