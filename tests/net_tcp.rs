@@ -108,12 +108,17 @@ fn length_prefixed(body: &[u8]) -> Vec<u8> {
     bytes
 }
 
-/// Connects and completes a valid handshake as node `node_id`.
+/// Connects and completes a valid handshake as client `node_id`.
 async fn handshaken(address: SocketAddr, node_id: NodeId) -> TcpStream {
+    handshaken_as(address, node_id, Role::Client).await
+}
+
+/// Connects and completes a valid handshake as node `node_id` in `role`.
+async fn handshaken_as(address: SocketAddr, node_id: NodeId, role: Role) -> TcpStream {
     let mut stream = TcpStream::connect(address).await.expect("connect");
     stream
         .write_all(&length_prefixed(
-            &Hello::new(CLUSTER_ID, node_id, Role::Client).encode(),
+            &Hello::new(CLUSTER_ID, node_id, role).encode(),
         ))
         .await
         .expect("hello");
@@ -185,8 +190,15 @@ async fn clients_filling_their_slots_cannot_crowd_members_out() {
     for id in 0..3 {
         held.push(handshaken(address, 600 + id).await);
     }
-    let mut extra = handshaken(address, 700).await;
-    read_until_closed(&mut extra).await;
+    // A fourth client is closed without an accepting reply.
+    let mut extra = TcpStream::connect(address).await.expect("connect");
+    extra
+        .write_all(&length_prefixed(
+            &Hello::new(CLUSTER_ID, 700, Role::Client).encode(),
+        ))
+        .await
+        .expect("hello");
+    assert!(read_until_closed(&mut extra).await.is_empty(), "no reply");
     assert_eq!(server.stats().handshakes_refused, 1, "the fourth client");
     let member = member_of(address, 2).await;
     let reply = member
@@ -201,6 +213,39 @@ async fn clients_filling_their_slots_cannot_crowd_members_out() {
         .expect("a member still gets in");
     assert_eq!(reply.seq, 7);
     drop(held);
+}
+
+// Proves a member's newer connection supersedes its older one (a member keeps one link; a silently dead one must not hold a member slot for good), while other members' connections stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_newer_connection_supersedes_its_older_one() {
+    let (_server, _endpoint, address) = server_with(|mut config| {
+        config.member_connections_max = 2;
+        config.handshake_timeout = Duration::from_millis(500);
+        config
+    })
+    .await;
+    let mut first = handshaken_as(address, 2, Role::Member).await;
+    let mut other = handshaken_as(address, 3, Role::Member).await;
+    let _second = handshaken_as(address, 2, Role::Member).await;
+    read_until_closed(&mut first).await;
+    // Node 3's connection is still open: a read times out instead of ending.
+    let mut buffer = [0u8; 1];
+    let still_open =
+        tokio::time::timeout(Duration::from_millis(200), other.read(&mut buffer)).await;
+    assert!(
+        still_open.is_err(),
+        "node 3's connection ended: {still_open:?}"
+    );
+    // Both member slots are held (nodes 2 and 3): another member id waits for
+    // one until its handshake times out, and gets no accepting reply.
+    let mut third = TcpStream::connect(address).await.expect("connect");
+    third
+        .write_all(&length_prefixed(
+            &Hello::new(CLUSTER_ID, 4, Role::Member).encode(),
+        ))
+        .await
+        .expect("hello");
+    assert!(read_until_closed(&mut third).await.is_empty(), "no reply");
 }
 
 // Proves a client's frames are bounded by client_frame_bytes_max, a member's by frame_bytes_max: a client cannot make the node reserve a member-sized frame.

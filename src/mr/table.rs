@@ -717,7 +717,10 @@ fn start(record: &mut TaskRecord, worker: WorkerId, now_ms: u64, timed_out: bool
     record.attempts
 }
 
-fn truncate_message(message: &str) -> String {
+/// `message` cut to [`TASK_ERROR_BYTES_MAX`] bytes (at a character
+/// boundary, marked with `…`): what a failure record keeps, and all a worker
+/// sends (a client's frames are bounded).
+pub(crate) fn truncate_message(message: &str) -> String {
     if message.len() <= TASK_ERROR_BYTES_MAX {
         return message.to_string();
     }

@@ -205,7 +205,7 @@ pub async fn run_worker(
                     worker: config.worker,
                     task,
                     attempt,
-                    error,
+                    error: super::table::truncate_message(&error),
                 };
                 caller.call(&report).await?
             }

@@ -1501,8 +1501,6 @@ impl RaftCore {
     }
 }
 
-/// Checks that a persisted state is internally consistent (storage corruption
-/// or a driver bug must not silently become a Raft safety violation).
 /// Terms and log indexes from here on are refused in messages: no cluster
 /// gets near them (2^62 elections or entries), and the arithmetic on them
 /// (`term + 1`, `index + 1`) must never wrap, whatever a peer sends.
@@ -1556,6 +1554,8 @@ fn largest_number(m: &Message) -> u64 {
     body.max(m.term)
 }
 
+/// Checks that a persisted state is internally consistent (storage corruption
+/// or a driver bug must not silently become a Raft safety violation).
 fn validate_persisted(persisted: &PersistedState, voters: &[NodeId]) -> Result<(), NewError> {
     let bad = |reason: String| Err(NewError::PersistedState { reason });
     let hard_state = persisted.hard_state;

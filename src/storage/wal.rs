@@ -294,7 +294,10 @@ fn preallocate(file: &File, len: u64, bytes: u64) -> Result<(), StorageError> {
 fn lock_directory(dir: &Path, timeout_ms: u64, create: bool) -> Result<Option<File>, StorageError> {
     use std::os::fd::AsRawFd;
     // Read-only when the open is (`flock` needs no write access), so a copy
-    // the user cannot write can still be inspected.
+    // the user cannot write can still be inspected; and then shared (it
+    // still excludes a writer, and NFS emulates an exclusive lock with one
+    // that needs write access).
+    let mode = if create { libc::LOCK_EX } else { libc::LOCK_SH };
     let path = dir.join(LOCK_FILE);
     let file = match OpenOptions::new()
         .read(true)
@@ -310,7 +313,7 @@ fn lock_directory(dir: &Path, timeout_ms: u64, create: bool) -> Result<Option<Fi
     let deadline = Instant::now() + Duration::from_millis(timeout_ms);
     loop {
         // SAFETY: a plain system call on a descriptor we own.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        let rc = unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) };
         if rc == 0 {
             return Ok(Some(file));
         }
@@ -440,22 +443,38 @@ fn checksum_matches(stored_seq: u64, payload: &[u8], crc: u32) -> bool {
 
 /// The first good record after the bad one at `at` (expected to be number
 /// `seq`) that is the first of a later flush: its number and offset. Every
-/// offset is tried (the bad record's length may be damaged too); a
-/// candidate must carry the flush-start bit, a number after `seq` that the
-/// bytes left could hold, a length inside the file and a matching checksum.
+/// offset after the bad record's start is tried (its length may be the
+/// damage, so its claimed extent proves nothing). A good record found on
+/// the way (a number after `seq` that the bytes left could hold, a length
+/// inside the file, a matching checksum) is the answer if it carries the
+/// flush-start bit, and is skipped whole otherwise, so bytes inside a good
+/// record's value are never taken for a record. (Bytes inside the bad
+/// record itself can be: a value that embeds a well-formed later record
+/// with the bit makes a torn write there look like damage, which refuses
+/// the open rather than dropping anything.)
 fn later_flush(bytes: &[u8], at: usize, seq: u64) -> Option<(u64, usize)> {
     let records_max = (bytes.len() - at) as u64 / RECORD_HEADER_BYTES as u64;
-    (at + 1..bytes.len().saturating_sub(RECORD_HEADER_BYTES - 1)).find_map(|offset| {
+    let mut offset = at + 1;
+    while offset + RECORD_HEADER_BYTES <= bytes.len() {
         let stored_seq = le_u64(bytes, offset + 8);
         let number = stored_seq & !FLUSH_START;
-        if stored_seq & FLUSH_START == 0 || number <= seq || number - seq > records_max {
-            return None;
-        }
         let len = le_u32(bytes, offset) as usize;
-        let payload =
-            bytes.get(offset + RECORD_HEADER_BYTES..offset + RECORD_HEADER_BYTES + len)?;
-        checksum_matches(stored_seq, payload, le_u32(bytes, offset + 4)).then_some((number, offset))
-    })
+        let good = number > seq
+            && number - seq <= records_max
+            && bytes
+                .get(offset + RECORD_HEADER_BYTES..offset + RECORD_HEADER_BYTES + len)
+                .is_some_and(|payload| {
+                    checksum_matches(stored_seq, payload, le_u32(bytes, offset + 4))
+                });
+        if !good {
+            offset += 1;
+        } else if stored_seq & FLUSH_START != 0 {
+            return Some((number, offset));
+        } else {
+            offset += RECORD_HEADER_BYTES + len;
+        }
+    }
+    None
 }
 
 /// A record's operations as a batch (values copied out of the file buffer).
@@ -713,19 +732,19 @@ impl WalBackend {
             });
         }
         let lock = lock_directory(dir, lock_timeout_ms, create)?;
-        let replayed = replay(dir, create)?;
-        if create && marker != MARKER_TEXT {
-            // Layout 1 → 2 before the first write: records with the
-            // flush-start bit would misread in an older build.
-            let tmp = write_marker_tmp(dir)?;
-            std::fs::rename(&tmp, dir.join(MARKER_FILE))?;
-            sync_directory(dir)?;
-        }
+        let replayed = replay(dir, create, marker == MARKER_TEXT_LAYOUT_1)?;
         let checkpoint_bytes_min = checkpoint_bytes_min.max(1);
         let segment_bytes = segment_bytes_for(checkpoint_bytes_min);
         let (segment, offset) = match replayed.last_segment {
-            None => (None, 0),
-            Some(_) if !create => (None, 0),
+            _ if !create => (None, 0),
+            None => {
+                // Layout 1 wrote its marker before the first segment: a
+                // crash in between left none, an empty log.
+                let start = replayed.next_seq;
+                let file = zeroed_file(&dir.join(SPARE_SEGMENT), segment_bytes)?;
+                let file = install_segment(dir, &dir.join(SPARE_SEGMENT), start, file)?;
+                (Some(file), 0)
+            }
             Some((start, end)) => {
                 let segment = OpenOptions::new()
                     .read(true)
@@ -741,6 +760,14 @@ impl WalBackend {
                 (Some(segment), end)
             }
         };
+        if create && marker != MARKER_TEXT {
+            // Layout 1 → 2 before the first write (and after the segment a
+            // layout-1 store may lack exists): records with the flush-start
+            // bit would misread in an older build.
+            let tmp = write_marker_tmp(dir)?;
+            std::fs::rename(&tmp, dir.join(MARKER_FILE))?;
+            sync_directory(dir)?;
+        }
         let wal = Arc::new(Wal {
             dir: dir.to_path_buf(),
             disk: replayed.disk.clone(),
@@ -814,7 +841,6 @@ fn spawn_flusher(wal: &Arc<Wal>, every_ms: u64) -> (Arc<AtomicBool>, JoinHandle<
     (stop, handle)
 }
 
-/// Creates (or empties) `path` and fills it with `bytes` zeros, synced.
 /// Segment size for a checkpoint threshold: a checkpoint comes after four
 /// segments or more.
 fn segment_bytes_for(checkpoint_bytes_min: u64) -> u64 {
@@ -842,6 +868,7 @@ pub(crate) fn is_interrupted_creation(names: &[std::ffi::OsString]) -> bool {
         })
 }
 
+/// Creates (or empties) `path` and fills it with `bytes` zeros, synced.
 fn zeroed_file(path: &Path, bytes: u64) -> Result<File, StorageError> {
     let file = OpenOptions::new()
         .read(true)
@@ -923,7 +950,7 @@ const SEQ_MAX: u64 = u64::MAX / 2;
 /// Loads the newest image and replays the segments after it. With
 /// `repair`, deletes what crashes and checkpoints left behind (temporary
 /// files, files an image made obsolete); without, touches nothing.
-fn replay(dir: &Path, repair: bool) -> Result<Replayed, StorageError> {
+fn replay(dir: &Path, repair: bool, layout_1: bool) -> Result<Replayed, StorageError> {
     let mut images = Vec::new();
     let mut segments = Vec::new();
     for entry in std::fs::read_dir(dir)? {
@@ -963,7 +990,9 @@ fn replay(dir: &Path, repair: bool) -> Result<Replayed, StorageError> {
         }
     }
     segments.retain(|&start| start > image_seq);
-    if segments.is_empty() {
+    // Layout 1 created its first segment after the marker, so a store of it
+    // with neither image nor segment is one whose creation a crash cut short.
+    if segments.is_empty() && !(layout_1 && image_seq == 0) {
         let whose = match image_seq {
             0 => "a store's first segment".to_owned(),
             seq => format!("the segment after {}", image_name(seq)),
@@ -1905,6 +1934,45 @@ mod tests {
         );
     }
 
+    /// A value that embeds a well-formed record marked as a flush's first,
+    /// in a good record of the torn write's own flush, is not taken for a
+    /// later flush: good records are skipped whole.
+    #[test]
+    fn a_record_inside_a_value_is_not_taken_for_a_later_flush() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open_with(dir.path(), &config(64 << 20)).expect("open");
+            put_long(&store, "k", 1, 1);
+        }
+        // The forged record: number 5 (the torn one will be 3), flush start.
+        let payload = b"forged".to_vec();
+        let stored_seq = 5 | FLUSH_START;
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&stored_seq.to_le_bytes());
+        hasher.update(&payload);
+        let mut forged = Vec::new();
+        forged.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        forged.extend_from_slice(&hasher.finalize().to_le_bytes());
+        forged.extend_from_slice(&stored_seq.to_le_bytes());
+        forged.extend_from_slice(&payload);
+        {
+            let store = Store::open_with(dir.path(), &one_flush_config()).expect("reopen");
+            put_long(&store, "k", 2, 2);
+            let mut batch = WriteBatch::new();
+            batch.kv_put(0, "v".to_owned(), forged, 1);
+            store.commit(batch).expect("commit");
+        }
+        let segment = dir.path().join(&segments(dir.path())[0]);
+        let mut bytes = std::fs::read(&segment).expect("read");
+        let offsets = record_offsets(&bytes);
+        assert_eq!(offsets.len(), 4, "the format marker, two puts, the value");
+        assert!(starts_flush(&bytes, offsets[2]) && !starts_flush(&bytes, offsets[3]));
+        tear(&mut bytes, offsets[2]);
+        std::fs::write(&segment, &bytes).expect("write");
+        let store = Store::open_with(dir.path(), &config(64 << 20)).expect("a torn tail");
+        assert_eq!(value(&store, "k"), Some((1, 1)));
+    }
+
     /// A store's segments can vanish; the newest image (or the store's
     /// creation) proves that one must exist, so none is corruption, never an
     /// empty log.
@@ -2003,6 +2071,39 @@ mod tests {
             matches!(error, StorageError::NotRaftkvDirectory { ref reason, .. } if reason.contains("unknown layout")),
             "{error}"
         );
+    }
+
+    /// Layout 1 wrote its marker before its first segment: a crash in
+    /// between left a marker and no segment, which still opens as an empty
+    /// store and gets its segment, then layout 2.
+    #[test]
+    fn a_layout_1_marker_without_a_segment_is_an_empty_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(MARKER_FILE), MARKER_TEXT_LAYOUT_1).expect("marker");
+        let read_only = StoreConfig {
+            create_if_missing: false,
+            ..config(1 << 20)
+        };
+        // Not corruption: the store is merely empty (which a read-only open
+        // reports as such).
+        let error = Store::open_with(dir.path(), &read_only).expect_err("empty");
+        assert!(
+            matches!(&error, StorageError::NotRaftkvDirectory { reason, .. } if reason.contains("empty")),
+            "{error}"
+        );
+        assert!(
+            segments(dir.path()).is_empty(),
+            "a read-only open creates nothing"
+        );
+        {
+            let store = Store::open_with(dir.path(), &config(1 << 20)).expect("writable");
+            put(&store, "k", 1, 1);
+        }
+        assert_eq!(segments(dir.path()), [segment_name(1)]);
+        let marker = std::fs::read(dir.path().join(MARKER_FILE)).expect("marker");
+        assert_eq!(marker, MARKER_TEXT);
+        let store = Store::open_with(dir.path(), &config(1 << 20)).expect("reopen");
+        assert_eq!(value(&store, "k"), Some((1, 1)));
     }
 
     /// A creation interrupted after the first segment but before the

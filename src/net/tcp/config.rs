@@ -51,7 +51,10 @@ pub struct TcpConfig {
     /// instead, so clients cannot crowd the cluster's own links out.
     pub inbound_connections_max: usize,
     /// Inbound connections of cluster members ([`Role::Member`](crate::net::wire::Role)
-    /// in their hello) open at once; more are closed. Default 64.
+    /// in their hello) open at once. A member's newer connection ends its
+    /// older one (a member keeps one link to each peer, and one that died
+    /// silently must not hold a slot for good); a member beyond the limit
+    /// waits for a slot within the handshake's time. Default 64.
     pub member_connections_max: usize,
     /// Time allowed to open a TCP connection.
     pub connect_timeout: Duration,

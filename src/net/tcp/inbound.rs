@@ -1,8 +1,10 @@
 //! Accepting connections: the handshake and serving requests and one-way
 //! messages from one peer.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
@@ -11,6 +13,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
 
 use crate::NodeId;
 use crate::net::tcp::transport::{Counters, Inner};
@@ -38,6 +41,20 @@ struct Slots {
     handshakes: Arc<Semaphore>,
     clients: Arc<Semaphore>,
     members: Arc<Semaphore>,
+    /// Each member's newest inbound connection (its number, and how to end
+    /// it): a member keeps one link to us, so a new one from the same id
+    /// supersedes the old, which a silently dead peer would otherwise leave
+    /// holding a member slot for good.
+    newest_member: Mutex<HashMap<NodeId, (u64, CancellationToken)>>,
+    next_connection: AtomicU64,
+}
+
+/// A connection admitted past the handshake: its role's slot, and for a
+/// member the token that ends it once a newer connection supersedes it.
+struct Admitted {
+    hello: Hello,
+    _slot: OwnedSemaphorePermit,
+    superseded: Option<(u64, CancellationToken)>,
 }
 
 /// Accepts connections until shutdown; dropping the listener on exit closes
@@ -48,6 +65,8 @@ pub(super) async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
         handshakes: Arc::new(Semaphore::new(config.inbound_connections_max)),
         clients: Arc::new(Semaphore::new(config.inbound_connections_max)),
         members: Arc::new(Semaphore::new(config.member_connections_max)),
+        newest_member: Mutex::new(HashMap::new()),
+        next_connection: AtomicU64::new(0),
     });
     loop {
         let accepted = tokio::select! {
@@ -85,14 +104,16 @@ pub(super) async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
 type Reader = FramedRead<OwnedReadHalf, LengthDelimitedCodec>;
 type Writer = FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>;
 
-/// Reads and checks the peer's hello and answers it. `None` when refused
-/// (already logged).
+/// Reads and checks the peer's hello, takes a slot of its role and answers
+/// it. `None` when refused (already logged); a peer whose role has no slot
+/// left is closed before any accepting reply.
 async fn handshake(
     inner: &Inner,
+    slots: &Slots,
     reader: &mut Reader,
     writer: &mut Writer,
     address: SocketAddr,
-) -> Option<Hello> {
+) -> Option<Admitted> {
     let node = inner.config.node_id;
     let bytes = match reader.next().await {
         None => {
@@ -107,12 +128,40 @@ async fn handshake(
     };
     let refuse = match Hello::decode(&bytes) {
         Ok(hello) if hello.cluster_id == inner.config.cluster_id => {
+            // A member's newer connection first ends its older one, then
+            // waits (within the handshake's time) for a slot, which the
+            // older one frees as it ends; a client gets a free slot or none.
+            let superseded = (hello.role == Role::Member).then(|| {
+                let number = slots.next_connection.fetch_add(1, Ordering::Relaxed);
+                let token = inner.shutdown.child_token();
+                let older = slots
+                    .newest_member
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner())
+                    .insert(hello.node_id, (number, token.clone()));
+                if let Some((_, older)) = older {
+                    older.cancel();
+                }
+                (number, token)
+            });
+            let slot = match hello.role {
+                Role::Member => slots.members.clone().acquire_owned().await.ok(),
+                Role::Client => slots.clients.clone().try_acquire_owned().ok(),
+            };
+            let Some(slot) = slot else {
+                warn_limited!(inner, node, peer = hello.node_id, role = ?hello.role, %address, "too many inbound connections of this role; closing");
+                return None;
+            };
             let reply = HelloReply::new(inner.config.cluster_id, node, None);
             if let Err(error) = writer.send(reply.encode()).await {
                 tracing::debug!(node, %address, %error, "peer left during the handshake");
                 return None;
             }
-            return Some(hello);
+            return Some(Admitted {
+                hello,
+                _slot: slot,
+                superseded,
+            });
         }
         Ok(hello) => {
             warn_limited!(
@@ -183,10 +232,10 @@ async fn serve_inbound(
     let hello = tokio::select! {
         biased;
         () = inner.shutdown.cancelled() => return,
-        hello = tokio::time::timeout(config.handshake_timeout, handshake(&inner, &mut reader, &mut writer, address)) => hello,
+        hello = tokio::time::timeout(config.handshake_timeout, handshake(&inner, &slots, &mut reader, &mut writer, address)) => hello,
     };
-    let (peer, role): (NodeId, _) = match hello {
-        Ok(Some(hello)) => (hello.node_id, hello.role),
+    let admitted = match hello {
+        Ok(Some(admitted)) => admitted,
         Ok(None) => {
             Counters::bump(&inner.counters.handshakes_refused);
             return;
@@ -197,19 +246,16 @@ async fn serve_inbound(
             return;
         }
     };
-    let (pool, frame_bytes_max) = match role {
-        Role::Member => (&slots.members, config.frame_bytes_max),
-        Role::Client => (
-            &slots.clients,
-            config.client_frame_bytes_max.min(config.frame_bytes_max),
-        ),
-    };
-    let Ok(_slot) = pool.clone().try_acquire_owned() else {
-        warn_limited!(inner, node, peer, ?role, %address, "too many inbound connections of this role; closing");
-        Counters::bump(&inner.counters.handshakes_refused);
-        return;
-    };
     drop(handshake_slot);
+    let (peer, role) = (admitted.hello.node_id, admitted.hello.role);
+    let frame_bytes_max = match role {
+        Role::Member => config.frame_bytes_max,
+        Role::Client => config.client_frame_bytes_max.min(config.frame_bytes_max),
+    };
+    let superseded = admitted
+        .superseded
+        .as_ref()
+        .map_or_else(CancellationToken::new, |(_, token)| token.clone());
     reader.decoder_mut().set_max_frame_length(frame_bytes_max);
     tracing::debug!(node, peer, ?role, %address, "accepted a connection");
 
@@ -223,6 +269,7 @@ async fn serve_inbound(
         tokio::select! {
             biased;
             () = inner.shutdown.cancelled() => return,
+            () = superseded.cancelled() => break Ended::Superseded,
             // Read every request buffered first (their handlers then start
             // together); back-pressure: stop reading while too many calls run.
             next = reader.next(), if running.len() < calls_max => {
@@ -280,6 +327,21 @@ async fn serve_inbound(
             Counters::bump(&inner.counters.connections_closed_bad_input);
         }
         Ended::Write(error) => tracing::debug!(node, peer, %address, %error, "connection ended"),
+        Ended::Superseded => {
+            tracing::debug!(node, peer, %address, "superseded by the member's newer connection");
+        }
+    }
+    if let Some((number, _)) = admitted.superseded {
+        let mut newest = slots
+            .newest_member
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if newest
+            .get(&peer)
+            .is_some_and(|(newest, _)| *newest == number)
+        {
+            newest.remove(&peer);
+        }
     }
 }
 
@@ -322,4 +384,6 @@ enum Ended {
     BadInput(String),
     /// Writing a reply failed.
     Write(String),
+    /// The same member opened a newer connection.
+    Superseded,
 }

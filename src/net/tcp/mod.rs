@@ -32,7 +32,8 @@
 //!   read until one finishes; inbound connections: `inbound_connections_max`
 //!   in their handshake and as many clients, `member_connections_max`
 //!   members apart, so a flood of clients cannot lock the cluster's own links
-//!   out. Warnings about inbound connections are rate-limited.
+//!   out; a member's newer connection ends its older one. Warnings about
+//!   inbound connections are rate-limited.
 //!
 //! Optional busy polling ([`TcpConfig::busy_poll`], [`BusyPoll`]) keeps the
 //! runtime thread polling its sockets for a window after every frame instead
