@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use net_support::{CLUSTER_ID, Cluster, Echo, Seq, serve_echo};
+use net_support::{CLUSTER_ID, Cluster, Echo, EchoReply, Seq, serve_echo};
 use raftkv::NodeId;
 use raftkv::net::tcp::{TcpConfig, TcpTransport};
 use raftkv::net::wire::{self, Frame, FrameType, Hello, HelloReply, RefuseReason, Role};
@@ -113,8 +113,8 @@ async fn handshaken(address: SocketAddr, node_id: NodeId) -> TcpStream {
     handshaken_as(address, node_id, Role::Client).await
 }
 
-/// Connects and completes a valid handshake as node `node_id` in `role`.
-async fn handshaken_as(address: SocketAddr, node_id: NodeId, role: Role) -> TcpStream {
+/// Connects and sends a valid hello as node `node_id` in `role`.
+async fn hello_sent(address: SocketAddr, node_id: NodeId, role: Role) -> TcpStream {
     let mut stream = TcpStream::connect(address).await.expect("connect");
     stream
         .write_all(&length_prefixed(
@@ -122,6 +122,12 @@ async fn handshaken_as(address: SocketAddr, node_id: NodeId, role: Role) -> TcpS
         ))
         .await
         .expect("hello");
+    stream
+}
+
+/// Connects and completes a valid handshake as node `node_id` in `role`.
+async fn handshaken_as(address: SocketAddr, node_id: NodeId, role: Role) -> TcpStream {
+    let stream = hello_sent(address, node_id, role).await;
     let mut framed = Framed::new(stream, wire::codec(wire::HANDSHAKE_FRAME_BYTES_MAX));
     let reply = framed.next().await.expect("a reply").expect("a frame");
     let reply = HelloReply::decode(&reply).expect("a hello reply");
@@ -168,17 +174,31 @@ async fn garbage_is_refused_at_the_handshake() {
     assert_still_serves(address).await;
 }
 
-/// A cluster member (node `id`) whose only peer is the server at `address`.
-async fn member_of(address: SocketAddr, id: NodeId) -> Endpoint {
-    let mut config = TcpConfig::member(CLUSTER_ID, id, "127.0.0.1:0".parse().expect("address"));
+/// Echo call `seq` with `body_len` bytes to the server at `address`, from a
+/// new cluster member (node 2) whose only peer it is.
+async fn member_echo(
+    address: SocketAddr,
+    seq: u64,
+    body_len: usize,
+) -> Result<EchoReply, NetError> {
+    let mut config = TcpConfig::member(CLUSTER_ID, 2, "127.0.0.1:0".parse().expect("address"));
     config.peers.insert(1, address);
-    TcpTransport::start(config)
+    let member = TcpTransport::start(config)
         .await
         .expect("member starts")
-        .endpoint()
+        .endpoint();
+    member
+        .call(
+            1,
+            &Echo {
+                seq,
+                body: vec![1; body_len],
+            },
+        )
+        .await
 }
 
-// Proves clients holding every client slot lock neither the node up nor the cluster's members out: members have slots of their own, and a client beyond the limit is closed after its handshake.
+// Proves clients holding every client slot lock neither the node up nor the cluster's members out: members have slots of their own, and a client beyond the limit is closed before any accepting reply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_filling_their_slots_cannot_crowd_members_out() {
     let (server, _endpoint, address) = server_with(|mut config| {
@@ -191,24 +211,10 @@ async fn clients_filling_their_slots_cannot_crowd_members_out() {
         held.push(handshaken(address, 600 + id).await);
     }
     // A fourth client is closed without an accepting reply.
-    let mut extra = TcpStream::connect(address).await.expect("connect");
-    extra
-        .write_all(&length_prefixed(
-            &Hello::new(CLUSTER_ID, 700, Role::Client).encode(),
-        ))
-        .await
-        .expect("hello");
+    let mut extra = hello_sent(address, 700, Role::Client).await;
     assert!(read_until_closed(&mut extra).await.is_empty(), "no reply");
     assert_eq!(server.stats().handshakes_refused, 1, "the fourth client");
-    let member = member_of(address, 2).await;
-    let reply = member
-        .call(
-            1,
-            &Echo {
-                seq: 7,
-                body: vec![1; 64],
-            },
-        )
+    let reply = member_echo(address, 7, 64)
         .await
         .expect("a member still gets in");
     assert_eq!(reply.seq, 7);
@@ -238,13 +244,7 @@ async fn a_members_newer_connection_supersedes_its_older_one() {
     );
     // Both member slots are held (nodes 2 and 3): another member id waits for
     // one until its handshake times out, and gets no accepting reply.
-    let mut third = TcpStream::connect(address).await.expect("connect");
-    third
-        .write_all(&length_prefixed(
-            &Hello::new(CLUSTER_ID, 4, Role::Member).encode(),
-        ))
-        .await
-        .expect("hello");
+    let mut third = hello_sent(address, 4, Role::Member).await;
     assert!(read_until_closed(&mut third).await.is_empty(), "no reply");
 }
 
@@ -263,15 +263,7 @@ async fn client_frames_have_their_own_smaller_limit() {
         .expect("write");
     read_until_closed(&mut stream).await;
     assert_eq!(server.stats().connections_closed_bad_input, 1);
-    let member = member_of(address, 2).await;
-    let reply = member
-        .call(
-            1,
-            &Echo {
-                seq: 8,
-                body: vec![2; 4096],
-            },
-        )
+    let reply = member_echo(address, 8, 4096)
         .await
         .expect("a member's larger frame");
     assert_eq!((reply.seq, reply.body.len()), (8, 4096));
