@@ -190,14 +190,13 @@ fn check_directory(path: &Path, config: &StoreConfig) -> Result<StoreEngine, Sto
     match std::fs::metadata(path) {
         Ok(meta) if !meta.is_dir() => Err(not_raftkv("it is not a directory")),
         Ok(_) => {
-            let mut names = std::fs::read_dir(path)?
+            let names = std::fs::read_dir(path)?
                 .map(|entry| entry.map(|entry| entry.file_name()))
                 .collect::<Result<Vec<OsString>, _>>()?;
             if create && wal::is_interrupted_creation(&names) {
-                // A creation a crash interrupted before the marker existed.
-                for name in names.drain(..) {
-                    std::fs::remove_file(path.join(name))?;
-                }
+                // A creation a crash interrupted before the marker existed,
+                // or one under way: the engine cleans it up under its lock.
+                return Ok(StoreEngine::Wal);
             }
             if names.is_empty() {
                 return if create {

@@ -704,6 +704,7 @@ impl WalBackend {
         checkpoint_bytes_min: u64,
         background_flush_ms: Option<u64>,
     ) -> Result<WalBackend, StorageError> {
+        let mut creator_lock = None;
         if !is_wal_directory(dir) {
             if !create {
                 return Err(StorageError::NotRaftkvDirectory {
@@ -712,16 +713,32 @@ impl WalBackend {
                 });
             }
             std::fs::create_dir_all(dir)?;
-            // The marker's temporary name first: a crash before the rename
-            // leaves a directory `is_interrupted_creation` recognizes.
-            let tmp = write_marker_tmp(dir)?;
-            let first = zeroed_file(
-                &dir.join(SPARE_SEGMENT),
-                segment_bytes_for(checkpoint_bytes_min),
-            )?;
-            install_segment(dir, &dir.join(SPARE_SEGMENT), 1, first)?;
-            std::fs::rename(&tmp, dir.join(MARKER_FILE))?;
-            sync_directory(dir)?;
+            // Under the lock: a second process opening the same new
+            // directory waits (and gets `Locked`) instead of removing or
+            // replacing this one's files.
+            creator_lock = lock_directory(dir, lock_timeout_ms, true)?;
+            if !is_wal_directory(dir) {
+                // What an interrupted creation left (`is_interrupted_creation`).
+                for leftover in [MARKER_TMP_FILE, SPARE_SEGMENT, &segment_name(1)] {
+                    match std::fs::remove_file(dir.join(leftover)) {
+                        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(at(&dir.join(leftover))(error));
+                        }
+                        _ => {}
+                    }
+                }
+                // The marker's temporary name first: a crash before the
+                // rename leaves a directory `is_interrupted_creation`
+                // recognizes.
+                let tmp = write_marker_tmp(dir)?;
+                let first = zeroed_file(
+                    &dir.join(SPARE_SEGMENT),
+                    segment_bytes_for(checkpoint_bytes_min),
+                )?;
+                install_segment(dir, &dir.join(SPARE_SEGMENT), 1, first)?;
+                std::fs::rename(&tmp, dir.join(MARKER_FILE))?;
+                sync_directory(dir)?;
+            }
         }
         let marker_path = dir.join(MARKER_FILE);
         let marker = std::fs::read(&marker_path).map_err(at(&marker_path))?;
@@ -731,7 +748,10 @@ impl WalBackend {
                 reason: "the write-ahead-log marker names an unknown layout".to_owned(),
             });
         }
-        let lock = lock_directory(dir, lock_timeout_ms, create)?;
+        let lock = match creator_lock {
+            Some(lock) => Some(lock),
+            None => lock_directory(dir, lock_timeout_ms, create)?,
+        };
         let replayed = replay(dir, create, marker == MARKER_TEXT_LAYOUT_1)?;
         let checkpoint_bytes_min = checkpoint_bytes_min.max(1);
         let segment_bytes = segment_bytes_for(checkpoint_bytes_min);
@@ -857,15 +877,23 @@ fn write_marker_tmp(dir: &Path) -> Result<PathBuf, StorageError> {
 }
 
 /// Whether a directory without a marker holding these names is one whose
-/// creation a crash interrupted: the marker's temporary name, with at most
-/// the first segment (zero-filled, never written: nothing is written before
-/// the marker exists) and its spare. Such a directory counts as empty.
+/// creation a crash interrupted (or is still under way in another
+/// process): `LOCK` alone, or the marker's temporary name with at most
+/// `LOCK`, the first segment (zero-filled, never written: nothing is written
+/// before the marker exists) and its spare. A creating open takes it for a
+/// write-ahead-log store and, holding the lock, removes those files and
+/// creates it again.
 pub(crate) fn is_interrupted_creation(names: &[std::ffi::OsString]) -> bool {
     let first = segment_name(1);
-    names.iter().any(|name| name == MARKER_TMP_FILE)
-        && names.iter().all(|name| {
-            name == MARKER_TMP_FILE || name == SPARE_SEGMENT || *name == *first.as_str()
-        })
+    let only_lock = names.len() == 1 && names[0] == LOCK_FILE;
+    only_lock
+        || (names.iter().any(|name| name == MARKER_TMP_FILE)
+            && names.iter().all(|name| {
+                name == MARKER_TMP_FILE
+                    || name == LOCK_FILE
+                    || name == SPARE_SEGMENT
+                    || *name == *first.as_str()
+            }))
 }
 
 /// Creates (or empties) `path` and fills it with `bytes` zeros, synced.
@@ -2107,20 +2135,28 @@ mod tests {
     }
 
     /// A creation interrupted after the first segment but before the
-    /// marker's rename counts as empty; a segment without the marker's
-    /// temporary file beside it is someone's data and is refused.
+    /// marker's rename (or right after taking the lock) counts as empty; a
+    /// segment without the marker's temporary file beside it is someone's
+    /// data and is refused.
     #[test]
     fn an_interrupted_creation_is_created_again_but_a_lone_segment_is_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join(MARKER_TMP_FILE), MARKER_TEXT).expect("marker tmp");
         std::fs::write(dir.path().join(segment_name(1)), vec![0; 4096]).expect("segment");
         std::fs::write(dir.path().join(SPARE_SEGMENT), vec![0; 4096]).expect("spare");
+        std::fs::write(dir.path().join(LOCK_FILE), b"").expect("lock file");
         let store = Store::open_with(dir.path(), &config(1 << 20)).expect("open");
         put(&store, "k", 1, 1);
         drop(store);
         assert!(!dir.path().join(MARKER_TMP_FILE).exists());
         let store = Store::open_with(dir.path(), &config(1 << 20)).expect("reopen");
         assert_eq!(value(&store, "k"), Some((1, 1)));
+        drop(store);
+        // A lock file alone: a creation cut short right after taking the lock.
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(LOCK_FILE), b"").expect("lock file");
+        let store = Store::open_with(dir.path(), &config(1 << 20)).expect("open");
+        put(&store, "k", 2, 1);
         drop(store);
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join(segment_name(1)), vec![1; 64]).expect("segment");
@@ -2149,6 +2185,35 @@ mod tests {
             matches!(error, StorageError::Io(_)) && text.contains(&segments(dir.path())[0]),
             "{text}"
         );
+    }
+
+    /// A second creating open of a directory another store holds (here,
+    /// one whose marker is not there yet, as in the middle of a creation)
+    /// waits for the lock and gets `Locked`: it neither removes nor
+    /// replaces the other's files.
+    #[test]
+    fn a_second_creator_is_locked_out_and_touches_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open_with(dir.path(), &config(1 << 20)).expect("open");
+        put(&store, "k", 1, 1);
+        let marker = dir.path().join(MARKER_FILE);
+        std::fs::rename(&marker, dir.path().join(MARKER_TMP_FILE)).expect("as if mid-creation");
+        let segment = std::fs::read(dir.path().join(segment_name(1))).expect("segment");
+        let quick = StoreConfig {
+            lock_timeout_ms: 20,
+            ..config(1 << 20)
+        };
+        let error = Store::open_with(dir.path(), &quick).expect_err("locked");
+        assert!(matches!(error, StorageError::Locked { .. }), "{error}");
+        assert!(dir.path().join(MARKER_TMP_FILE).exists());
+        assert_eq!(
+            std::fs::read(dir.path().join(segment_name(1))).expect("segment"),
+            segment
+        );
+        std::fs::rename(dir.path().join(MARKER_TMP_FILE), &marker).expect("back");
+        drop(store);
+        let store = Store::open_with(dir.path(), &config(1 << 20)).expect("reopen");
+        assert_eq!(value(&store, "k"), Some((1, 1)));
     }
 
     /// A crash while the marker was being written leaves a directory that a
