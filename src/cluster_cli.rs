@@ -265,7 +265,7 @@ pub fn server(args: ServerArgs) -> anyhow::Result<ExitCode> {
 /// own state in the Raft log and snapshots, never in KV namespaces).
 pub const NODE_IDENTITY_NAMESPACE: StateMachineId = u64::MAX;
 /// Key of the identity record.
-pub const NODE_IDENTITY_KEY: &str = "node";
+const NODE_IDENTITY_KEY: &str = "node";
 
 /// The identity a cluster node's data directory records, if any (see
 /// [`NODE_IDENTITY_NAMESPACE`]).
@@ -290,16 +290,14 @@ fn node_identity(cluster_id: &str, id: NodeId, voters: &[NodeId]) -> String {
 /// two leaders in a term. A fresh directory, or one written before identity
 /// records existed, gets the record.
 fn check_identity(store: &Store, dir: &Path, identity: &str) -> anyhow::Result<()> {
-    let recorded = store
-        .kv_get(NODE_IDENTITY_NAMESPACE, NODE_IDENTITY_KEY.as_bytes())
+    let recorded = recorded_identity(store)
         .with_context(|| format!("cannot read data directory {}", dir.display()))?;
     match recorded {
-        Some(recorded) if recorded.value == identity.as_bytes() => Ok(()),
+        Some(recorded) if recorded == identity => Ok(()),
         Some(recorded) => bail!(
-            "data directory {} belongs to {}, not {identity}: restart it with the --id, \
+            "data directory {} belongs to {recorded}, not {identity}: restart it with the --id, \
              --cluster and --cluster-id it was created with",
             dir.display(),
-            String::from_utf8_lossy(&recorded.value)
         ),
         None => {
             if store.last_index(0)? > 0 || store.hard_state(0)?.term > 0 {

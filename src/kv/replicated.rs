@@ -37,7 +37,7 @@ use super::state_machine::MemoryKv;
 use super::status::serve_status;
 use super::types::{COMMAND_BYTES_MAX, KvCommand, KvError, KvReply, Versioned};
 use crate::NodeId;
-use crate::net::{Endpoint, NetError};
+use crate::net::{Endpoint, NetError, wire};
 use crate::rsm::{CodecError, Rsm, RsmConfig, RsmStartError, StateMachine, SubmitError};
 use crate::storage::RaftLogStorage;
 
@@ -104,14 +104,8 @@ impl KvLogCommand {
                         format!("{} bytes exceed {BATCH_ENCODED_BYTES_MAX}", input.len()),
                     ));
                 }
-                let (commands, rest) = postcard::take_from_bytes::<Vec<KvCommand>>(&input[1..])
+                let commands = wire::decode_exact::<Vec<KvCommand>>(&input[1..])
                     .map_err(|error| CodecError::new("kv batch", error))?;
-                if !rest.is_empty() {
-                    return Err(CodecError::new(
-                        "kv batch",
-                        format!("{} trailing bytes", rest.len()),
-                    ));
-                }
                 if commands.is_empty() || commands.len() > BATCH_COMMANDS_MAX {
                     return Err(CodecError::new(
                         "kv batch",

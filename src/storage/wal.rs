@@ -731,11 +731,7 @@ impl WalBackend {
                 // rename leaves a directory `is_interrupted_creation`
                 // recognizes.
                 let tmp = write_marker_tmp(dir)?;
-                let first = zeroed_file(
-                    &dir.join(SPARE_SEGMENT),
-                    segment_bytes_for(checkpoint_bytes_min),
-                )?;
-                install_segment(dir, &dir.join(SPARE_SEGMENT), 1, first)?;
+                zeroed_segment(dir, 1, segment_bytes_for(checkpoint_bytes_min))?;
                 std::fs::rename(&tmp, dir.join(MARKER_FILE))?;
                 sync_directory(dir)?;
             }
@@ -760,10 +756,10 @@ impl WalBackend {
             None => {
                 // Layout 1 wrote its marker before the first segment: a
                 // crash in between left none, an empty log.
-                let start = replayed.next_seq;
-                let file = zeroed_file(&dir.join(SPARE_SEGMENT), segment_bytes)?;
-                let file = install_segment(dir, &dir.join(SPARE_SEGMENT), start, file)?;
-                (Some(file), 0)
+                (
+                    Some(zeroed_segment(dir, replayed.next_seq, segment_bytes)?),
+                    0,
+                )
             }
             Some((start, end)) => {
                 let segment = OpenOptions::new()
@@ -907,6 +903,14 @@ fn zeroed_file(path: &Path, bytes: u64) -> Result<File, StorageError> {
     fill_zeros(&file, 0, bytes)?;
     file.sync_all()?;
     Ok(file)
+}
+
+/// Zero-fills a new segment `wal-<start>.log` of `bytes` now (through the
+/// spare's name) and installs it.
+fn zeroed_segment(dir: &Path, start: u64, bytes: u64) -> Result<File, StorageError> {
+    let spare = dir.join(SPARE_SEGMENT);
+    let file = zeroed_file(&spare, bytes)?;
+    install_segment(dir, &spare, start, file)
 }
 
 /// Renames the prepared segment file at `prepared` to `wal-<start>.log`
